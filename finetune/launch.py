@@ -1,0 +1,89 @@
+"""The Accelerator a recipe trains with, consistent with how it was launched.
+
+Launch settings (processes, DDP/FSDP/DeepSpeed, mixed precision) come from `accelerate launch` and
+its config file; the recipe config says what to train. Where both could set a value (mixed precision,
+DeepSpeed's batch geometry and clipping) a disagreement is an error that names both, raised before any
+model loads, instead of one silently winning.
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+from finetune.errors import UserError
+
+LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+def check_mixed_precision(recipe_value: str | None) -> str | None:
+    """The mixed precision to pass to Accelerator; a recipe value the launcher contradicts is an error."""
+    launcher_value = os.environ.get(LAUNCHER_MIXED_PRECISION)
+    if recipe_value is None or launcher_value is None or launcher_value.lower() == recipe_value:
+        return recipe_value
+    raise UserError(
+        f"train.mixed_precision={recipe_value} (recipe config) conflicts with mixed precision "
+        f"'{launcher_value}' from the launcher (accelerate config file or `accelerate launch --mixed_precision`). "
+        f"Remove train.mixed_precision to use the launcher's, or launch with --mixed_precision {recipe_value}."
+    )
+
+
+def make_accelerator(train) -> Accelerator:
+    """An Accelerator for `train` (a TrainConfig): accumulation, precision, seeded shuffling.
+
+    - `sync_with_dataloader=False`: `finetune.accumulation.accumulation_windows` decides where windows end.
+    - `step_scheduler_with_optimizer=False`: recipes step the LR scheduler once per optimizer step
+      (Accelerate's default steps it once per process per step).
+    - `use_seedable_sampler=True`: the shuffle order depends on the seed and epoch only.
+    """
+    mixed_precision = check_mixed_precision(train.mixed_precision)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            step_scheduler_with_optimizer=False,
+        )
+    except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
+        raise UserError(f"cannot set up Accelerate: {err}") from None
+    reconcile_deepspeed(accelerator, train)
+    return accelerator
+
+
+def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
+    """Make the DeepSpeed config agree with the recipe: fill `auto` values, reject contradictions.
+
+    DeepSpeed asserts train_batch_size == micro_batch * accumulation * world_size and Accelerate would
+    otherwise silently prefer DeepSpeed's accumulation steps; here the recipe is the one source of truth.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds_config = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (train.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (
+            train.micro_batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
+            "train.micro_batch_size x train.gradient_accumulation_steps x processes",
+        ),
+        "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm"),
+    }
+    conflicts = []
+    for name, (value, recipe_key) in wanted.items():
+        current = ds_config.get(name, "auto")
+        if current != "auto" and current is not None and float(current) != float(value):
+            conflicts.append(f"DeepSpeed `{name}` is {current}, but the recipe gives {value} ({recipe_key})")
+    if conflicts:
+        raise UserError(
+            "the DeepSpeed config disagrees with the recipe config:\n  - "
+            + "\n  - ".join(conflicts)
+            + "\nSet these to \"auto\" in the DeepSpeed config (the recipe then fills them) or change the recipe keys."
+        )
+    for name, (value, _) in wanted.items():
+        ds_config[name] = value
+    plugin.gradient_accumulation_steps = train.gradient_accumulation_steps

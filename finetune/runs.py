@@ -1,0 +1,71 @@
+"""The output dir of a run: refuse to clobber a finished run, write files atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+# What a run writes into its output dir; `overwrite` removes exactly these.
+RUN_ARTIFACTS = ("final", "checkpoints", "config.yaml", "metrics.jsonl", "eval_results.json")
+FINISHED_MARKERS = ("final", "eval_results.json")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """A dir holding another run is refused unless `overwrite`; call on every process before work starts."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output.dir={output_dir} exists and is not a directory; choose another output.dir.")
+    found = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    if not found or overwrite:
+        return
+    state = "a finished run" if any(m in found for m in FINISHED_MARKERS) else "an unfinished run"
+    raise UserError(
+        f"output.dir={output_dir} already holds {state} ({', '.join(found)}). "
+        "Choose another output.dir, or set output.overwrite=true to replace it."
+    )
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """Remove what an earlier run wrote (main process only, after `check_output_dir` allowed it)."""
+    for name in RUN_ARTIFACTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary dir beside `target`; on success it replaces `target` in one rename.
+
+    A crash while writing leaves only a `.tmp-*` dir, never a `target` that looks complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".old-{target.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

