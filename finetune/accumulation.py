@@ -35,16 +35,22 @@ def count_next_token_terms(batch: dict) -> torch.Tensor:
     return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses are summed in fp32 even under bf16/fp16 autocast (and in fp64 when the model is)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def summed_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of per-example losses: cross-entropy, or squared error for a 1-output regression head."""
     if logits.shape[-1] == 1 and labels.is_floating_point():
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="sum")
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = _at_least_fp32(logits.squeeze(-1))
+        return F.mse_loss(logits, labels.to(logits.dtype), reduction="sum")
+    return F.cross_entropy(_at_least_fp32(logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of per-token cross-entropy of a causal LM, predicting token t+1 from tokens <= t."""
-    shifted_logits = logits[..., :-1, :].float()
+    shifted_logits = _at_least_fp32(logits[..., :-1, :])
     shifted_labels = labels[..., 1:]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),

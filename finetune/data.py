@@ -129,9 +129,7 @@ def label_vocabulary(values: list, label_names: list[str], key: str) -> list[str
             raise UserError(f"{key}: int labels must be 0..n-1; found {min(values)}.")
         if label_names:
             if top >= len(label_names):
-                raise UserError(
-                    f"{key}: label id {top} has no name: data.label_names lists {len(label_names)} names."
-                )
+                raise UserError(f"{key}: label id {top} has no name: data.label_names lists {len(label_names)} names.")
             return list(label_names)
         return [str(i) for i in range(top + 1)]
     if all(isinstance(v, str) for v in values):
@@ -218,8 +216,13 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
 
 
 def make_dataloader(
-    ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool, num_workers: int = 0
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    pad_to_multiple_of: int | None = None,
 ) -> DataLoader:
-    """Batches padded to their own longest example (dynamic padding)."""
-    collator = DataCollatorWithPadding(tokenizer)
+    """Batches padded to their own longest example (dynamic padding), rounded up to `pad_to_multiple_of`."""
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=num_workers)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from finetune.errors import UserError
 
@@ -39,6 +40,11 @@ def make_accelerator(train) -> Accelerator:
     - `use_seedable_sampler=True`: the shuffle order depends on the seed and epoch only.
     """
     mixed_precision = check_mixed_precision(train.mixed_precision)
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator: without an explicit backend Accelerate sees a single process
+        # while DeepSpeed starts gloo over all of them, and the batch-size assertion fails.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     try:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
@@ -47,11 +53,25 @@ def make_accelerator(train) -> Accelerator:
             ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=handlers,
         )
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
         raise UserError(f"cannot set up Accelerate: {err}") from None
     reconcile_deepspeed(accelerator, train)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(train.cpu_threads or cpu_threads_per_process())
     return accelerator
+
+
+def cpu_threads_per_process() -> int:
+    """This machine's usable cores shared among the processes on it.
+
+    `accelerate launch` without a config sets OMP_NUM_THREADS=1, which halves CPU training speed on a
+    2-core laptop; the recipe config (train.cpu_threads) is the place to pin a number.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local_processes)
 
 
 def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
@@ -82,7 +102,7 @@ def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
         raise UserError(
             "the DeepSpeed config disagrees with the recipe config:\n  - "
             + "\n  - ".join(conflicts)
-            + "\nSet these to \"auto\" in the DeepSpeed config (the recipe then fills them) or change the recipe keys."
+            + '\nSet these to "auto" in the DeepSpeed config (the recipe then fills them) or change the recipe keys.'
         )
     for name, (value, _) in wanted.items():
         ds_config[name] = value

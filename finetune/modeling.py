@@ -27,9 +27,7 @@ def model_source(name_or_path: str) -> str:
 def _load(loader, cfg, what: str, **kwargs):
     source = model_source(cfg.name_or_path)
     try:
-        return loader.from_pretrained(
-            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
-        )
+        return loader.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -65,7 +63,9 @@ def check_max_length(max_length: int, config: PretrainedConfig, tokenizer: PreTr
     """`data.max_length` above what the model takes is an error, before any weights load."""
     limit = max_model_length(config, tokenizer)
     if limit is not None and max_length > limit:
-        raise UserError(f"data.max_length={max_length} is above the model's limit of {limit} tokens; set it <= {limit}.")
+        raise UserError(
+            f"data.max_length={max_length} is above the model's limit of {limit} tokens; set it <= {limit}."
+        )
 
 
 def load_classifier(cfg, label_names: list[str], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -78,6 +78,7 @@ def load_classifier(cfg, label_names: list[str], tokenizer: PreTrainedTokenizerB
         num_labels=len(label_names),
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
+        ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a fresh head
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -27,7 +27,9 @@ def steps_per_epoch(micro_batches_per_epoch: int, accumulation_steps: int) -> in
     return math.ceil(micro_batches_per_epoch / accumulation_steps)
 
 
-def total_optimizer_steps(micro_batches_per_epoch: int, accumulation_steps: int, epochs: int, max_steps: int | None) -> int:
+def total_optimizer_steps(
+    micro_batches_per_epoch: int, accumulation_steps: int, epochs: int, max_steps: int | None
+) -> int:
     """Length of the run in optimizer steps: max_steps if given, else epochs x steps per epoch."""
     return max_steps if max_steps else epochs * steps_per_epoch(micro_batches_per_epoch, accumulation_steps)
 

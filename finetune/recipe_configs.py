@@ -63,6 +63,9 @@ class TrainConfig:
     )
     seed: int = option(42, "seed for weights init, shuffling and dropout")
     num_workers: int = option(0, "DataLoader worker processes", ge=0)
+    cpu_threads: int | None = option(
+        None, "torch threads per process when training on CPU; null = this machine's cores / local processes", ge=1
+    )
 
 
 @dataclass
@@ -104,7 +107,9 @@ class ClassifyConfig:
         """Cross-field problems, each naming the keys involved."""
         problems = []
         if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
-            problems.append(f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1")
+            problems.append(
+                f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1"
+            )
         if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):

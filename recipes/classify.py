@@ -51,8 +51,12 @@ def main(argv: list[str]) -> None:
         if cfg.output.overwrite:
             clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml", header="Resolved config; rerun with:\n"
-                    "  accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>")
+        save_config(
+            cfg,
+            output_dir / "config.yaml",
+            header="Resolved config; rerun with:\n"
+            "  accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>",
+        )
     accelerator.wait_for_everyone()
 
     # ---- data and model
@@ -100,8 +104,15 @@ def main(argv: list[str]) -> None:
                     step += 1
                     log.advance()
                     if step % cfg.logging.every_n_steps == 0 or step == total_steps:
-                        log.log(step, {"epoch": epoch, "loss": loss_meter.pop_mean(accelerator),
-                                       "lr": scheduler.get_last_lr()[0], "samples_per_s": throughput.pop()})
+                        log.log(
+                            step,
+                            {
+                                "epoch": epoch,
+                                "loss": loss_meter.pop_mean(accelerator),
+                                "lr": scheduler.get_last_lr()[0],
+                                "samples_per_s": throughput.pop(),
+                            },
+                        )
                     if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
                         log.log(step, prefixed("eval", evaluate_classifier(accelerator, model, val_loader)))
                         throughput.pop()  # evaluation time is not training throughput

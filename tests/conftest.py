@@ -32,7 +32,9 @@ def keyword_rows(n: int, seed: int = 0, labels: list[str] | None = None) -> list
     rows = []
     for i in range(n):
         label = names[i % len(names)]
-        words = rng.choices(KEYWORDS.get(label, ["[UNK]"]), k=rng.randint(2, 6)) + rng.choices(FILLER, k=rng.randint(0, 8))
+        words = rng.choices(KEYWORDS.get(label, ["[UNK]"]), k=rng.randint(2, 6)) + rng.choices(
+            FILLER, k=rng.randint(0, 8)
+        )
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return rows
@@ -104,15 +106,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, args: list[str], processes: int = 1, cwd: Path | None = None, timeout: int = 600):
-    """Run `script` through `accelerate launch` on CPU, as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1" if processes > 1 else "2"}
-    if processes > 1:
-        launcher = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+def launch(
+    script: Path,
+    args: list[str],
+    processes: int = 1,
+    config_file: Path | None = None,
+    launcher_args: tuple[str, ...] = (),
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """Run `script` through `accelerate launch` on CPU, as a user would; returns the CompletedProcess.
+
+    Without `config_file`: one CPU process, or `processes` CPU processes on gloo (`--multi_gpu` with
+    ACCELERATE_USE_CPU, the way that starts several). With `config_file` (DeepSpeed): its own settings.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if processes > 1 else "2"}
+    launcher = ["--num_processes", str(processes), "--main_process_port", str(free_port())]
+    if config_file is not None:
+        env["DS_ACCELERATOR"] = "cpu"
+        launcher = ["--config_file", str(config_file), "--mixed_precision", "no", *launcher]
+    elif processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+        launcher = ["--multi_gpu", *launcher]
     else:
-        launcher = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
-    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        env["ACCELERATE_USE_CPU"] = "true"
+        launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, *launcher_args, str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:

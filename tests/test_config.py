@@ -164,7 +164,6 @@ def test_classify_cross_field_checks():
     with pytest.raises(ConfigError) as err:
         load_config(
             ClassifyConfig,
-            ["train.warmup_steps=10.5", "data.text_pair_column=text",
-             "data.label_names=[a,a]"],
+            ["train.warmup_steps=10.5", "data.text_pair_column=text", "data.label_names=[a,a]"],
         )
     assert len(err.value.problems) == 3

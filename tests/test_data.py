@@ -29,9 +29,9 @@ def test_every_file_format_reads_the_same_rows(tmp_path, suffix):
 
 def test_tsv_is_read_without_quoting(tmp_path):
     path = tmp_path / "glue.tsv"
-    path.write_text('sentence\tlabel\nit \'s a "quoted thing \t1\nplain \t0\n')
+    path.write_text("sentence\tlabel\nit 's a \"quoted thing \t1\nplain \t0\n")
     ds = read_source(str(path), "data.train")
-    assert ds["sentence"] == ['it \'s a "quoted thing ', "plain "]
+    assert ds["sentence"] == ["it 's a \"quoted thing ", "plain "]
 
 
 def test_class_folders_and_package_paths(tmp_path):
@@ -64,8 +64,12 @@ def test_int_labels_named_by_label_names_and_text_pairs(tmp_path):
     path = write_rows(tmp_path / "pairs.jsonl", rows)
     val = write_rows(tmp_path / "val.jsonl", rows[:4])
     cfg = data_config(
-        train=str(path), validation=str(val), text_column="premise", text_pair_column="hypothesis",
-        label_column="y", label_names=["no", "yes"],
+        train=str(path),
+        validation=str(val),
+        text_column="premise",
+        text_pair_column="hypothesis",
+        label_column="y",
+        label_names=["no", "yes"],
     )
     data = load_classification_data(cfg)
     assert data.label_names == ["no", "yes"]

@@ -47,8 +47,9 @@ def test_two_processes_score_each_validation_example_once(tiny_bert, toy_data, t
 
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
-    data_cfg = build_config(DataConfig, [("test", {"train": str(toy_data["train"]),
-                                                   "validation": str(toy_data["validation"])})])
+    data_cfg = build_config(
+        DataConfig, [("test", {"train": str(toy_data["train"]), "validation": str(toy_data["validation"])})]
+    )
     val = tokenize(load_classification_data(data_cfg).validation, tokenizer, 32)
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(make_dataloader(val, tokenizer, batch_size=5, shuffle=False))

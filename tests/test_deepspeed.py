@@ -1,0 +1,64 @@
+"""DeepSpeed ZeRO through Accelerate on CPU (DeepSpeed's CPU accelerator, gloo): same training as without it."""
+
+from __future__ import annotations
+
+import json
+
+import deepspeed  # noqa: E402,F401  the test extra installs it; these tests must not skip
+import pytest
+from conftest import CLASSIFY, REPO, launch
+
+pytestmark = pytest.mark.multiprocess
+
+CONFIGS = REPO / "accelerate_configs"
+
+
+def toy_args(tiny_bert, toy_data, output_dir, micro_batch_size: int) -> list[str]:
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.train={toy_data['train']}",
+        f"data.validation={toy_data['validation']}",
+        "data.max_length=32",
+        "train.epochs=1",
+        f"train.micro_batch_size={micro_batch_size}",
+        "train.gradient_accumulation_steps=2",
+        "train.lr=3e-3",
+        "eval.batch_size=8",
+        f"output.dir={output_dir}",
+    ]
+
+
+def eval_results(output_dir) -> dict:
+    return json.loads((output_dir / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize(("config", "processes"), [("deepspeed_zero2.yaml", 1), ("deepspeed_zero3.yaml", 2)])
+def test_zero_trains_like_plain_data_parallel(config, processes, tiny_bert, toy_data, tmp_path):
+    micro = 8 // processes  # same global batches in both runs
+    plain = launch(CLASSIFY, toy_args(tiny_bert, toy_data, tmp_path / "plain", micro), processes=processes)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    zero = launch(
+        CLASSIFY,
+        toy_args(tiny_bert, toy_data, tmp_path / "zero", micro),
+        processes=processes,
+        config_file=CONFIGS / config,
+    )
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert "effective batch 16" in zero.stdout
+    assert (tmp_path / "zero" / "final" / "model.safetensors").is_file()
+    got, want = eval_results(tmp_path / "zero"), eval_results(tmp_path / "plain")
+    assert got["step"] == want["step"] == 15
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_deepspeed_setting_that_contradicts_the_recipe_is_refused(tiny_bert, toy_data, tmp_path):
+    result = launch(
+        CLASSIFY,
+        toy_args(tiny_bert, toy_data, tmp_path / "out", 8),
+        config_file=CONFIGS / "deepspeed_zero2.yaml",
+        launcher_args=("--gradient_accumulation_steps", "4"),
+    )
+    assert result.returncode != 0
+    assert "DeepSpeed `gradient_accumulation_steps` is 4, but the recipe gives 2" in result.stderr
+    assert "DeepSpeed `train_batch_size`" not in result.stderr  # 'auto' values are filled, not reported
+    assert not (tmp_path / "out").exists()
