@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from datasets import ClassLabel, Dataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from finetune.errors import UserError
 from finetune.paths import local_path, looks_like_path
@@ -215,6 +217,22 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
     return ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True, desc="Tokenizing")
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (random mega-batches, each sorted by length), drawn from
+    `seed + epoch` so that an epoch's order depends on nothing else (not on how often it was iterated)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int | None = None):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch, self.mega_batch_mult = seed, 0, mega_batch_mult
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, self.mega_batch_mult, generator))
+
+
 def make_dataloader(
     ds: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -222,7 +240,19 @@ def make_dataloader(
     shuffle: bool,
     num_workers: int = 0,
     pad_to_multiple_of: int | None = None,
+    group_by_length: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
-    """Batches padded to their own longest example (dynamic padding), rounded up to `pad_to_multiple_of`."""
+    """Batches padded to their own longest example (dynamic padding), rounded up to `pad_to_multiple_of`.
+
+    `shuffle` with `group_by_length` draws batches of similar length (far less padding); plain `shuffle`
+    is a uniform permutation (which Accelerate seeds per epoch when prepared).
+    """
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=num_workers)
+    sampler = None
+    if shuffle and group_by_length:
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        sampler, shuffle = SeededLengthGroupedSampler(lengths, batch_size, seed), False
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collator, num_workers=num_workers
+    )

@@ -12,8 +12,14 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
 
+from finetune.batching import BatchGeometry, plan_batches
 from finetune.errors import UserError
 
 LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
@@ -31,8 +37,9 @@ def check_mixed_precision(recipe_value: str | None) -> str | None:
     )
 
 
-def make_accelerator(train) -> Accelerator:
-    """An Accelerator for `train` (a TrainConfig): accumulation, precision, seeded shuffling.
+def make_accelerator(train) -> tuple[Accelerator, BatchGeometry | None]:
+    """An Accelerator for `train` (a TrainConfig), and the batch geometry (None for `auto` micro-batches,
+    decided later by `finetune.batching.find_micro_batch_size`; then set `gradient_accumulation_steps`).
 
     - `sync_with_dataloader=False`: `finetune.accumulation.accumulation_windows` decides where windows end.
     - `step_scheduler_with_optimizer=False`: recipes step the LR scheduler once per optimizer step
@@ -48,19 +55,25 @@ def make_accelerator(train) -> Accelerator:
     try:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(
-                num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False
-            ),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
         )
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
         raise UserError(f"cannot set up Accelerate: {err}") from None
-    reconcile_deepspeed(accelerator, train)
+    geometry = plan_batches(train, accelerator.num_processes)
+    if geometry is None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UserError(
+            "train.micro_batch_size=auto probes an unsharded model, which says nothing under DeepSpeed or FSDP; "
+            "set train.micro_batch_size to a number."
+        )
+    if geometry is not None:
+        accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+        reconcile_deepspeed(accelerator, geometry, train.max_grad_norm)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(train.cpu_threads or cpu_threads_per_process())
-    return accelerator
+    return accelerator, geometry
 
 
 def cpu_threads_per_process() -> int:
@@ -74,7 +87,7 @@ def cpu_threads_per_process() -> int:
     return max(1, cores // local_processes)
 
 
-def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
+def reconcile_deepspeed(accelerator: Accelerator, geometry: BatchGeometry, max_grad_norm: float | None) -> None:
     """Make the DeepSpeed config agree with the recipe: fill `auto` values, reject contradictions.
 
     DeepSpeed asserts train_batch_size == micro_batch * accumulation * world_size and Accelerate would
@@ -85,13 +98,10 @@ def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
         return
     ds_config = plugin.deepspeed_config
     wanted = {
-        "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
-        "gradient_accumulation_steps": (train.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        "train_batch_size": (
-            train.micro_batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
-            "train.micro_batch_size x train.gradient_accumulation_steps x processes",
-        ),
-        "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm"),
+        "train_micro_batch_size_per_gpu": (geometry.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (geometry.accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (geometry.global_batch_size, "micro-batch x accumulation x processes"),
+        "gradient_clipping": (max_grad_norm or 0.0, "train.max_grad_norm"),
     }
     conflicts = []
     for name, (value, recipe_key) in wanted.items():
@@ -106,4 +116,4 @@ def reconcile_deepspeed(accelerator: Accelerator, train) -> None:
         )
     for name, (value, _) in wanted.items():
         ds_config[name] = value
-    plugin.gradient_accumulation_steps = train.gradient_accumulation_steps
+    plugin.gradient_accumulation_steps = geometry.accumulation_steps

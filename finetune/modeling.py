@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -13,6 +17,7 @@ from transformers import (
 
 from finetune.errors import UserError
 from finetune.paths import local_path
+from finetune.runs import atomic_dir
 
 # Tokenizers without a real limit report this sentinel (int(1e30)) as model_max_length.
 _NO_LIMIT = 10**9
@@ -83,3 +88,68 @@ def load_classifier(cfg, label_names: list[str], tokenizer: PreTrainedTokenizerB
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Memory levers: gradient checkpointing and LoRA
+# --------------------------------------------------------------------------------------------
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_module_names(config: PretrainedConfig) -> list[str]:
+    """Names of the linear layers of a classifier built from `config`, on the meta device (no memory)."""
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_lora_targets(lora, config: PretrainedConfig) -> None:
+    """Every `lora.target_modules` entry must match a linear layer (peft matches names or name suffixes)."""
+    if not lora.enabled or lora.target_modules == [ALL_LINEAR]:
+        return
+    names = linear_module_names(config)
+    unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(
+            f"lora.target_modules: {unmatched} match no linear layer of this model. "
+            f"Its linear layers end in: {', '.join(suffixes[:12])}; or use [{ALL_LINEAR}]."
+        )
+
+
+def apply_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters; the classification head stays fully trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
+    peft_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
+    )
+    return get_peft_model(model, peft_config)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int) -> None:
+    """Weights (safetensors), config with label names and tokenizer into `target`, atomically.
+
+    A LoRA model is saved merged (a plain transformers model, loadable by `pipeline`), its adapter beside
+    it in `target/adapter/`.
+    """
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/ZeRO-3: every process calls it
+    if accelerator.is_main_process:
+        with atomic_dir(target) as tmp:
+            unwrapped = accelerator.unwrap_model(model)
+            if hasattr(unwrapped, "merge_and_unload"):  # a peft model
+                unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
+                unwrapped.merge_and_unload().save_pretrained(tmp)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()

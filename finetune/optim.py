@@ -12,14 +12,17 @@ from transformers import get_scheduler
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only."""
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW (or plain SGD) over the trainable parameters, weight decay on weight matrices only."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if any(n in name for n in NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=lr) if kind == "sgd" else torch.optim.AdamW(groups, lr=lr)
 
 
 def steps_per_epoch(micro_batches_per_epoch: int, accumulation_steps: int) -> int:

@@ -41,6 +41,9 @@ class DataConfig:
     label_column: str = option("label", "column holding the label (int ids or names)")
     label_names: list[str] = option([], "names of int labels 0..n-1 (string labels name themselves)")
     max_length: int = option(256, "tokens kept per example (longer ones are truncated)", gt=0)
+    group_by_length: bool = option(
+        True, "train on batches of similar length (less padding, faster); off = plain shuffled batches"
+    )
 
 
 @dataclass
@@ -49,8 +52,15 @@ class TrainConfig:
 
     epochs: int = option(3, "passes over the training data (ignored when max_steps is set)", ge=1)
     max_steps: int | None = option(None, "stop after this many optimizer steps; sizes the LR schedule", gt=0)
-    micro_batch_size: int = option(16, "examples per process per forward/backward pass", ge=1)
+    micro_batch_size: int | Literal["auto"] = option(
+        16, "examples per process per forward/backward; auto = the largest that fits (needs global_batch_size)", ge=1
+    )
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    global_batch_size: int | None = option(
+        None, "examples per optimizer step over all processes; the accumulation steps then follow", ge=1
+    )
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
     lr: float = option(5e-5, "peak learning rate of AdamW", gt=0)
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", "LR decay after warmup")
@@ -65,6 +75,19 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader worker processes", ge=0)
     cpu_threads: int | None = option(
         None, "torch threads per process when training on CPU; null = this machine's cores / local processes", ge=1
+    )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft: train a few million parameters instead of all of them."""
+
+    enabled: bool = option(False, "train LoRA adapters (and the classifier head) instead of the whole model")
+    r: int = option(8, "rank of the adapter matrices", ge=1)
+    alpha: int = option(16, "scaling numerator: adapters are scaled by alpha / r", ge=1)
+    dropout: float = option(0.05, "dropout on the adapter input", ge=0, lt=1)
+    target_modules: list[str] = option(
+        ["all-linear"], "module names (or suffixes) to adapt; all-linear = every linear layer but the head"
     )
 
 
@@ -99,6 +122,7 @@ class ClassifyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -109,6 +133,11 @@ class ClassifyConfig:
         if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
             problems.append(
                 f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1"
+            )
+        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
+            problems.append(
+                "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
+                "micro-batch shrinks to fit in memory"
             )
         if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
             problems.append("data.text_pair_column must differ from data.text_column")

@@ -21,11 +21,16 @@ def _format(value) -> str:
 class RunLog:
     """Append metrics to `<output_dir>/metrics.jsonl` and show them; a no-op off the main process."""
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, progress_bar: str = "auto"):
+    def __init__(self, accelerator: Accelerator, output_dir: Path, progress_bar: str = "auto"):
         self.enabled = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
-        use_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
-        self.bar = tqdm(total=total_steps, desc="train", unit="step") if self.enabled and use_bar else None
+        self.use_bar = self.enabled and (progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty()))
+        self.bar = None
+
+    def start_progress(self, total_steps: int) -> None:
+        """Show a progress bar over `total_steps` optimizer steps (main process, when enabled)."""
+        if self.use_bar:
+            self.bar = tqdm(total=total_steps, desc="train", unit="step")
 
     def info(self, message: str) -> None:
         """A line for the user (main process)."""

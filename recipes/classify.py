@@ -16,15 +16,25 @@ import datasets
 from accelerate.utils import set_seed
 
 from finetune.accumulation import LossMeter, accumulation_windows, count_label_terms, summed_classification_loss
+from finetune.batching import find_micro_batch_size
 from finetune.config import load_config, save_config
 from finetune.data import load_classification_data, make_dataloader, tokenize
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import evaluate_classifier
 from finetune.launch import make_accelerator
-from finetune.modeling import check_max_length, load_classifier, load_model_config, load_tokenizer
+from finetune.modeling import (
+    apply_lora,
+    check_lora_targets,
+    check_max_length,
+    load_classifier,
+    load_model_config,
+    load_tokenizer,
+    parameter_counts,
+    save_final,
+)
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ClassifyConfig
-from finetune.runs import atomic_dir, check_output_dir, clear_previous_run, write_json
+from finetune.runs import check_output_dir, clear_previous_run, write_json
 from finetune.tracking import RunLog, Throughput
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
@@ -38,53 +48,74 @@ def setup(argv: list[str]):
     check_output_dir(output_dir, cfg.output.overwrite)
     data = load_classification_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    check_max_length(cfg.data.max_length, load_model_config(cfg.model), tokenizer)
-    accelerator = make_accelerator(cfg.train)
-    return cfg, output_dir, data, tokenizer, accelerator
+    model_config = load_model_config(cfg.model, num_labels=len(data.label_names))
+    check_max_length(cfg.data.max_length, model_config, tokenizer)
+    check_lora_targets(cfg.lora, model_config)
+    accelerator, geometry = make_accelerator(cfg.train)
+    return cfg, output_dir, data, tokenizer, accelerator, geometry
 
 
 @exit_on_user_error
 def main(argv: list[str]) -> None:
-    cfg, output_dir, data, tokenizer, accelerator = setup(argv)
+    cfg, output_dir, data, tokenizer, accelerator, geometry = setup(argv)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         if cfg.output.overwrite:
             clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(
-            cfg,
-            output_dir / "config.yaml",
-            header="Resolved config; rerun with:\n"
-            "  accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>",
-        )
+        rerun = "accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>"
+        save_config(cfg, output_dir / "config.yaml", header=f"Resolved config; rerun with:\n  {rerun}")
     accelerator.wait_for_everyone()
+    log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
 
-    # ---- data and model
+    # ---- model
+    model = load_classifier(cfg.model, data.label_names, tokenizer)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    trainable, total = parameter_counts(model)
+    log.info(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # ---- data
     with accelerator.main_process_first():
         train_set = tokenize(data.train, tokenizer, cfg.data.max_length)
         val_set = tokenize(data.validation, tokenizer, cfg.data.max_length)
-    train_loader = make_dataloader(train_set, tokenizer, cfg.train.micro_batch_size, True, cfg.train.num_workers)
-    val_loader = make_dataloader(val_set, tokenizer, cfg.eval.batch_size, False, cfg.train.num_workers)
-    model = load_classifier(cfg.model, data.label_names, tokenizer)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if geometry is None:  # micro_batch_size: auto
+        geometry = find_micro_batch_size(
+            accelerator,
+            cfg.train.global_batch_size,
+            lambda size: try_micro_batch(accelerator.unwrap_model(model), train_set, tokenizer, size),
+        )
+        accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    train_loader = make_dataloader(
+        train_set,
+        tokenizer,
+        geometry.micro_batch_size,
+        shuffle=True,
+        num_workers=cfg.train.num_workers,
+        group_by_length=cfg.data.group_by_length,
+        seed=cfg.train.seed,
+    )
+    val_loader = make_dataloader(val_set, tokenizer, cfg.eval.batch_size, shuffle=False)
+    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
 
-    k = cfg.train.gradient_accumulation_steps
+    k = geometry.accumulation_steps
     total_steps = total_optimizer_steps(len(train_loader), k, cfg.train.epochs, cfg.train.max_steps)
-    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
-    scheduler = accelerator.prepare(scheduler)
-
-    log = RunLog(accelerator, output_dir, total_steps, cfg.logging.progress_bar)
+    scheduler = accelerator.prepare(
+        build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
+    )
     log.info(
         f"{len(data.train)} train / {len(data.validation)} validation examples, {len(data.label_names)} labels; "
-        f"effective batch {cfg.train.micro_batch_size * k * accelerator.num_processes} = micro-batch "
-        f"{cfg.train.micro_batch_size} x accumulation {k} x {accelerator.num_processes} process(es); "
-        f"{total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
+        f"{geometry.describe()}; {total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
     )
 
     # ---- train
     step, epoch = 0, 0
     loss_meter, throughput = LossMeter(), Throughput()
+    log.start_progress(total_steps)
     model.train()
     while step < total_steps:
         train_loader.set_epoch(epoch)
@@ -96,8 +127,7 @@ def main(argv: list[str]) -> None:
                 loss_meter.add(summed_loss, window)
                 throughput.add(len(labels) * accelerator.num_processes)
                 if accelerator.sync_gradients:  # the window's last micro-batch: one optimizer step
-                    if cfg.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -110,6 +140,7 @@ def main(argv: list[str]) -> None:
                                 "epoch": epoch,
                                 "loss": loss_meter.pop_mean(accelerator),
                                 "lr": scheduler.get_last_lr()[0],
+                                "grad_norm": as_float(grad_norm),
                                 "samples_per_s": throughput.pop(),
                             },
                         )
@@ -124,26 +155,32 @@ def main(argv: list[str]) -> None:
     metrics = evaluate_classifier(accelerator, model, val_loader)
     log.log(step, prefixed("eval", metrics))
     log.close()
-    save_final(accelerator, model, tokenizer, output_dir, cfg.data.max_length)
+    save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
     if accelerator.is_main_process:
         write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics})
         print(f"done: {output_dir / 'final'} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
     accelerator.end_training()
 
 
+def try_micro_batch(model, train_set, tokenizer, size: int) -> None:
+    """One forward and backward of the `size` longest training examples (for micro_batch_size: auto).
+
+    Runs on the unwrapped model: no gradient all-reduce, so each process may probe on its own."""
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
+    batch = next(iter(make_dataloader(train_set.select(longest), tokenizer, size, shuffle=False)))
+    batch = {name: tensor.to(next(model.parameters()).device) for name, tensor in batch.items()}
+    labels = batch.pop("labels")
+    summed_classification_loss(model(**batch).logits, labels).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def as_float(value) -> float:
+    return float("nan") if value is None else float(value)  # DeepSpeed has no norm before its first step
+
+
 def prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
-
-
-def save_final(accelerator, model, tokenizer, output_dir: Path, max_length: int) -> None:
-    """Weights (safetensors), config with label names, and tokenizer into <output_dir>/final, atomically."""
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/ZeRO-3: every process calls it
-    if accelerator.is_main_process:
-        with atomic_dir(output_dir / "final") as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
-            tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

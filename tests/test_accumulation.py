@@ -27,7 +27,10 @@ def fresh_accelerator(k: int, **train):
     """A new single-process CPU Accelerator (Accelerate keeps global state between instances)."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return make_accelerator(build_config(TrainConfig, [("test", {"gradient_accumulation_steps": k, **train})]))
+    accelerator, _ = make_accelerator(
+        build_config(TrainConfig, [("test", {"gradient_accumulation_steps": k, **train})])
+    )
+    return accelerator
 
 
 @pytest.fixture(scope="module")

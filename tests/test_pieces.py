@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from finetune.batching import BatchGeometry
 from finetune.config import build_config
 from finetune.errors import UserError
 from finetune.launch import check_mixed_precision, reconcile_deepspeed
@@ -44,7 +45,7 @@ def test_deepspeed_auto_values_are_filled_from_the_recipe():
     accelerator, plugin = fake_deepspeed(
         {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
     )
-    reconcile_deepspeed(accelerator, train_config(micro_batch_size=4, gradient_accumulation_steps=3))
+    reconcile_deepspeed(accelerator, BatchGeometry(4, 3, 2), max_grad_norm=1.0)
     assert plugin.deepspeed_config == {
         "train_batch_size": 24,
         "train_micro_batch_size_per_gpu": 4,
@@ -59,7 +60,7 @@ def test_deepspeed_values_that_contradict_the_recipe_are_all_named():
         {"train_batch_size": 64, "gradient_accumulation_steps": 8, "gradient_clipping": 1.0}
     )
     with pytest.raises(UserError) as err:
-        reconcile_deepspeed(accelerator, train_config(micro_batch_size=4, gradient_accumulation_steps=2))
+        reconcile_deepspeed(accelerator, BatchGeometry(4, 2, 2), max_grad_norm=1.0)
     text = str(err.value)
     assert "DeepSpeed `gradient_accumulation_steps` is 8, but the recipe gives 2" in text
     assert "DeepSpeed `train_batch_size` is 64, but the recipe gives 16" in text
@@ -67,7 +68,7 @@ def test_deepspeed_values_that_contradict_the_recipe_are_all_named():
 
 
 def test_no_deepspeed_is_left_alone():
-    reconcile_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), train_config())
+    reconcile_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), BatchGeometry(1, 1, 1), None)
 
 
 # ---- output dir -----------------------------------------------------------------------------
