@@ -242,17 +242,21 @@ def make_dataloader(
     pad_to_multiple_of: int | None = None,
     group_by_length: bool = False,
     seed: int = 0,
+    global_batch_size: int | None = None,
 ) -> DataLoader:
     """Batches padded to their own longest example (dynamic padding), rounded up to `pad_to_multiple_of`.
 
     `shuffle` with `group_by_length` draws batches of similar length (far less padding); plain `shuffle`
-    is a uniform permutation (which Accelerate seeds per epoch when prepared).
+    is a uniform permutation (which Accelerate seeds per epoch when prepared). Length groups are sized
+    by `global_batch_size`, so the order of examples is the same however the global batch is split into
+    micro-batches, accumulation steps and processes.
     """
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     sampler = None
     if shuffle and group_by_length:
         lengths = [len(ids) for ids in ds["input_ids"]]
-        sampler, shuffle = SeededLengthGroupedSampler(lengths, batch_size, seed), False
+        sampler = SeededLengthGroupedSampler(lengths, global_batch_size or batch_size, seed)
+        shuffle = False
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collator, num_workers=num_workers
     )

@@ -98,6 +98,7 @@ def main(argv: list[str]) -> None:
         num_workers=cfg.train.num_workers,
         group_by_length=cfg.data.group_by_length,
         seed=cfg.train.seed,
+        global_batch_size=geometry.global_batch_size,
     )
     val_loader = make_dataloader(val_set, tokenizer, cfg.eval.batch_size, shuffle=False)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)

@@ -1,0 +1,110 @@
+"""Batch geometry: the global batch as the knob, and `micro_batch_size: auto` under a simulated OOM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import CLASSIFY
+from test_recipe_classify import recipe_main, run_bad, toy_args
+
+from finetune.batching import BatchGeometry, find_micro_batch_size, plan_batches
+from finetune.config import build_config
+from finetune.errors import UserError
+from finetune.launch import make_accelerator
+from finetune.recipe_configs import TrainConfig
+
+
+def train_config(**values) -> TrainConfig:
+    return build_config(TrainConfig, [("test", values)])
+
+
+def test_global_batch_sets_the_accumulation_steps():
+    assert plan_batches(train_config(micro_batch_size=8, gradient_accumulation_steps=3), 2) == BatchGeometry(8, 3, 2)
+    assert plan_batches(train_config(micro_batch_size=8, global_batch_size=64), 2) == BatchGeometry(8, 4, 2)
+    assert plan_batches(train_config(micro_batch_size=8, global_batch_size=64, gradient_accumulation_steps=4), 2)
+    assert BatchGeometry(8, 4, 2).describe() == "effective batch 64 = micro-batch 8 x accumulation 4 x 2 process(es)"
+    assert plan_batches(train_config(micro_batch_size="auto", global_batch_size=64), 2) is None
+
+
+def test_impossible_geometries_are_config_errors():
+    with pytest.raises(UserError, match="global_batch_size=60 is not divisible by train.micro_batch_size=8 x 2"):
+        plan_batches(train_config(micro_batch_size=8, global_batch_size=60), 2)
+    with pytest.raises(UserError, match="gradient_accumulation_steps=2 contradicts train.global_batch_size=64"):
+        plan_batches(train_config(micro_batch_size=8, global_batch_size=64, gradient_accumulation_steps=2), 2)
+    with pytest.raises(Exception, match="gradient_accumulation_steps.*must be >= 1"):
+        train_config(gradient_accumulation_steps=0)
+
+
+def oom_above(limit: int, tried: list[int]):
+    def try_micro_batch(size: int) -> None:
+        tried.append(size)
+        if size > limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    return try_micro_batch
+
+
+@pytest.fixture
+def accelerator():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator, _ = make_accelerator(train_config())
+    return accelerator
+
+
+def test_auto_takes_the_largest_divisor_that_fits(accelerator):
+    tried: list[int] = []
+    geometry = find_micro_batch_size(accelerator, 48, oom_above(10, tried))
+    assert tried == [48, 24, 16, 12, 8]  # divisors of 48, largest first, until one fits
+    assert geometry == BatchGeometry(8, 6, 1)
+
+
+def test_auto_with_nothing_that_fits_says_what_to_change(accelerator):
+    tried: list[int] = []
+    with pytest.raises(UserError) as err:
+        find_micro_batch_size(accelerator, 4, oom_above(0, tried))
+    assert tried == [4, 2, 1]
+    assert "even a micro-batch of 1 ran out of memory (tried 4, 2, 1)" in str(err.value)
+    assert "data.max_length" in str(err.value) and "gradient_checkpointing" in str(err.value)
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(accelerator):
+    def broken(size: int) -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        find_micro_batch_size(accelerator, 8, broken)
+
+
+def test_recipe_shrinks_the_micro_batch_on_a_real_oom_error(tiny_bert, toy_data, tmp_path, capsys, monkeypatch):
+    """The recipe end to end, its model raising PyTorch's out-of-memory error above 4 examples."""
+    from transformers import BertForSequenceClassification
+
+    forward = BertForSequenceClassification.forward
+
+    def forward_with_little_memory(self, input_ids=None, **kwargs):
+        if input_ids.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated on CPU)")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", forward_with_little_memory)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "out"
+    args = toy_args(tiny_bert, toy_data, out, "train.micro_batch_size=auto", "train.global_batch_size=16")
+    args = [a for a in args if not a.startswith("train.gradient_accumulation_steps")]
+    args += ["train.max_steps=3", "eval.batch_size=4"]  # evaluation must fit too
+    recipe_main()(args)
+    assert "effective batch 16 = micro-batch 4 x accumulation 4 x 1 process(es)" in capsys.readouterr().out
+    assert json.loads((out / "eval_results.json").read_text())["step"] == 3
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_auto_without_a_global_batch_is_refused(tiny_bert, toy_data, tmp_path, capsys):
+    err = run_bad(toy_args(tiny_bert, toy_data, tmp_path / "o", "train.micro_batch_size=auto"), capsys)
+    assert "train.micro_batch_size=auto needs train.global_batch_size" in err
+    assert CLASSIFY.exists()
