@@ -302,8 +302,8 @@ def build_config(schema: type[T], sources: list[tuple[str, dict[str, Any]]]) -> 
 
 def _parse_cli_value(raw: str, tp: Any) -> Any:
     """Command-line values are strings; read them as YAML scalars or lists except for plain strings."""
-    if tp is str:
-        return raw
+    if tp is str or (get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))):
+        return raw  # YAML would read on/off/yes/no as booleans
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

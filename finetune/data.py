@@ -12,7 +12,6 @@ import torch
 from datasets import ClassLabel, Dataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from finetune.errors import UserError
 from finetune.paths import local_path, looks_like_path
@@ -217,20 +216,47 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
     return ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True, desc="Tokenizing")
 
 
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped order (random mega-batches, each sorted by length), drawn from
-    `seed + epoch` so that an epoch's order depends on nothing else (not on how often it was iterated)."""
+def length_grouped_order(
+    lengths: list[int], batch_size: int, generator: torch.Generator, batches_per_group: int = 64
+) -> list[int]:
+    """A random order in which each run of `batch_size` examples has similar lengths.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int | None = None):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch, self.mega_batch_mult = seed, 0, mega_batch_mult
+    Shuffle; cut into groups of `batches_per_group` batches; sort each group by length and cut it into
+    batches; shuffle the batches (the longest first, so that running out of memory happens at once).
+    Unlike transformers' `get_length_grouped_indices` (groups of at most 50 batches, batches in length
+    order within a group), the batch order is random and the large groups leave almost no padding.
+    """
+    permutation = torch.randperm(len(lengths), generator=generator).tolist()
+    group = batch_size * batches_per_group
+    batches = []
+    for start in range(0, len(permutation), group):
+        chunk = sorted(permutation[start : start + group], key=lengths.__getitem__, reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    short = [b for b in batches if len(b) < batch_size]  # at most one: kept last, so batches stay aligned
+    full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    if full:
+        longest = max(range(len(full)), key=lambda i: lengths[full[i][0]])
+        full[0], full[longest] = full[longest], full[0]
+    return [i for batch in full + short for i in batch]
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Indices in `length_grouped_order`, drawn from `seed + epoch` alone (so an epoch's order does not
+    depend on how often the sampler was iterated before: resumable, and the same on every process)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        return len(self.lengths)
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, self.mega_batch_mult, generator))
+        return iter(length_grouped_order(self.lengths, self.batch_size, generator))
 
 
 def make_dataloader(
@@ -255,7 +281,7 @@ def make_dataloader(
     sampler = None
     if shuffle and group_by_length:
         lengths = [len(ids) for ids in ds["input_ids"]]
-        sampler = SeededLengthGroupedSampler(lengths, global_batch_size or batch_size, seed)
+        sampler = LengthGroupedSampler(lengths, global_batch_size or batch_size, seed)
         shuffle = False
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collator, num_workers=num_workers

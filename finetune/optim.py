@@ -22,7 +22,10 @@ def build_optimizer(
             (no_decay if any(n in name for n in NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=lr) if kind == "sgd" else torch.optim.AdamW(groups, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    # The fused kernel (CPU and CUDA) is what Trainer uses by default too: one pass over all parameters.
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 def steps_per_epoch(micro_batches_per_epoch: int, accumulation_steps: int) -> int:

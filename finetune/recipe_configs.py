@@ -112,7 +112,7 @@ class LoggingConfig:
     """What the run reports while it trains."""
 
     every_n_steps: int = option(10, "log loss, lr and throughput every N optimizer steps", ge=1)
-    progress_bar: Literal["auto", "on", "off"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
+    progress_bar: Literal["auto", "always", "never"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
 
 
 @dataclass

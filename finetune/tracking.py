@@ -6,8 +6,10 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -24,7 +26,7 @@ class RunLog:
     def __init__(self, accelerator: Accelerator, output_dir: Path, progress_bar: str = "auto"):
         self.enabled = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
-        self.use_bar = self.enabled and (progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty()))
+        self.use_bar = self.enabled and (progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()))
         self.bar = None
 
     def start_progress(self, total_steps: int) -> None:
@@ -60,17 +62,54 @@ class RunLog:
 
 
 class Throughput:
-    """Examples per second since the last `pop`."""
+    """Training examples per second, per logging interval and over the whole run, without the time
+    spent in `paused()` blocks (evaluation)."""
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.examples = 0
+        self.start = self.interval_start = time.perf_counter()
+        self.examples = self.interval_examples = 0
+        self.paused_s = self.interval_paused_s = 0.0
 
     def add(self, examples: int) -> None:
         self.examples += examples
+        self.interval_examples += examples
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+            self.interval_paused_s += time.perf_counter() - t0
 
     def pop(self) -> float:
+        """Examples per second since the last pop."""
         now = time.perf_counter()
-        rate = self.examples / max(now - self.start, 1e-9)
-        self.start, self.examples = now, 0
+        rate = self.interval_examples / max(now - self.interval_start - self.interval_paused_s, 1e-9)
+        self.interval_start, self.interval_examples, self.interval_paused_s = now, 0, 0.0
         return rate
+
+    def summary(self) -> dict[str, float]:
+        """Whole-run training time (seconds, evaluation excluded) and examples per second."""
+        seconds = time.perf_counter() - self.start - self.paused_s
+        return {"train_runtime_s": round(seconds, 3), "train_samples_per_s": self.examples / max(seconds, 1e-9)}
+
+
+def memory_mb(device: torch.device) -> dict[str, float | str]:
+    """Memory of this process: CUDA memory allocated by tensors on a GPU, resident set size on CPU.
+
+    `peak` is the high-water mark since the process (or the CUDA peak counter) started.
+    """
+    if device.type == "cuda":
+        return {
+            "kind": "cuda_allocated",
+            "now": torch.cuda.memory_allocated(device) / 2**20,
+            "peak": torch.cuda.max_memory_allocated(device) / 2**20,
+        }
+    import resource
+
+    import psutil
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"kind": "cpu_rss", "now": psutil.Process().memory_info().rss / 2**20, "peak": peak_kb / 1024}

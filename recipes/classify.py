@@ -35,7 +35,7 @@ from finetune.modeling import (
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ClassifyConfig
 from finetune.runs import check_output_dir, clear_previous_run, write_json
-from finetune.tracking import RunLog, Throughput
+from finetune.tracking import RunLog, Throughput, memory_mb
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
 
@@ -115,6 +115,7 @@ def main(argv: list[str]) -> None:
 
     # ---- train
     step, epoch = 0, 0
+    memory_before = memory_mb(accelerator.device)["now"]
     loss_meter, throughput = LossMeter(), Throughput()
     log.start_progress(total_steps)
     model.train()
@@ -146,19 +147,23 @@ def main(argv: list[str]) -> None:
                             },
                         )
                     if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
-                        log.log(step, prefixed("eval", evaluate_classifier(accelerator, model, val_loader)))
-                        throughput.pop()  # evaluation time is not training throughput
+                        with throughput.paused():  # evaluation time is not training throughput
+                            log.log(step, prefixed("eval", evaluate_classifier(accelerator, model, val_loader)))
                     if step == total_steps:
                         break
         epoch += 1
 
     # ---- evaluate and save
+    run_stats = {
+        **throughput.summary(),
+        "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
+    }
     metrics = evaluate_classifier(accelerator, model, val_loader)
     log.log(step, prefixed("eval", metrics))
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
     if accelerator.is_main_process:
-        write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics})
+        write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics, **run_stats})
         print(f"done: {output_dir / 'final'} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
     accelerator.end_training()
 

@@ -100,6 +100,20 @@ def test_all_problems_reported_together_with_source_and_suggestion(tmp_path):
     assert "train.steps (command line): expected int | null" in text
 
 
+@dataclass
+class Switch:
+    mode: Literal["on", "off", "auto"] = option("auto", "mode")
+
+
+@dataclass
+class WithSwitch:
+    x: Switch = field(default_factory=Switch)
+
+
+def test_string_choices_are_not_read_as_yaml_booleans():
+    assert load_config(WithSwitch, ["x.mode=off"]).x.mode == "off"
+
+
 def test_cross_field_check_runs_after_types():
     with pytest.raises(ConfigError, match="train.kind=b needs train.flag=true"):
         build_config(Outer, [("command line", {"train.kind": "b"})])

@@ -32,8 +32,16 @@ def eval_results(output_dir) -> dict:
     return json.loads((output_dir / "eval_results.json").read_text())
 
 
-@pytest.mark.parametrize(("config", "processes"), [("deepspeed_zero2.yaml", 1), ("deepspeed_zero3.yaml", 2)])
-def test_zero_trains_like_plain_data_parallel(config, processes, tiny_bert, toy_data, tmp_path):
+@pytest.mark.parametrize(
+    ("config", "processes", "tolerance"),
+    [
+        ("deepspeed_zero2.yaml", 1, 1e-4),
+        ("deepspeed_zero3.yaml", 2, 1e-4),
+        # Offload swaps torch AdamW for DeepSpeedCPUAdam (compiled on first use): same maths, other rounding.
+        ("deepspeed_zero3_offload.yaml", 1, 1e-3),
+    ],
+)
+def test_zero_trains_like_plain_data_parallel(config, processes, tolerance, tiny_bert, toy_data, tmp_path):
     micro = 8 // processes  # same global batches in both runs
     plain = launch(CLASSIFY, toy_args(tiny_bert, toy_data, tmp_path / "plain", micro), processes=processes)
     assert plain.returncode == 0, plain.stderr[-3000:]
@@ -48,7 +56,7 @@ def test_zero_trains_like_plain_data_parallel(config, processes, tiny_bert, toy_
     assert (tmp_path / "zero" / "final" / "model.safetensors").is_file()
     got, want = eval_results(tmp_path / "zero"), eval_results(tmp_path / "plain")
     assert got["step"] == want["step"] == 15
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert got["loss"] == pytest.approx(want["loss"], rel=tolerance)
 
 
 def test_deepspeed_setting_that_contradicts_the_recipe_is_refused(tiny_bert, toy_data, tmp_path):

@@ -59,8 +59,13 @@ def make_model(task: str, tiny_bert) -> torch.nn.Module:
     torch.manual_seed(0)
     if task == "lm":
         config = LlamaConfig(
-            vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=32,
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
         )
         return LlamaForCausalLM(config)
     return AutoModelForSequenceClassification.from_pretrained(
@@ -74,11 +79,17 @@ def train(task: str, tiny_bert, micro: int, k: int, optimizer: str, examples: li
     GradientState._reset_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("t", {"gradient_accumulation_steps": k})]))
     model = make_model(task, tiny_bert)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5) if optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.5)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    )
     model, opt = accelerator.prepare(model, opt)
     batches = [collate(examples[i : i + micro], task) for i in range(0, len(examples), micro)]
     count, summed = (
-        (count_next_token_terms, summed_next_token_loss) if task == "lm" else (count_label_terms, summed_classification_loss)
+        (count_next_token_terms, summed_next_token_loss)
+        if task == "lm"
+        else (count_label_terms, summed_classification_loss)
     )
     steps = 0
     for batch, window in accumulation_windows(accelerator, batches, count):
