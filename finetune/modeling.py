@@ -131,8 +131,11 @@ def apply_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter holds only its shard
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
 
 
 def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int) -> None:
