@@ -204,7 +204,7 @@ def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     for name, value in mapping.items():
         dotted = f"{prefix}{name}"
         if isinstance(value, dict):
-            items += _flatten(value, dotted + ".") if value else [(dotted, value)]
+            items += _flatten(value, dotted + ".")  # an empty group sets nothing
         else:
             items.append((dotted, value))
     return items

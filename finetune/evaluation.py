@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from sklearn.metrics import accuracy_score, f1_score
+
+from finetune.metrics import load_metric
 
 
 @dataclass
@@ -35,19 +36,28 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Pre
     return Predictions(torch.cat(logits_parts).numpy(), torch.cat(label_parts).numpy())
 
 
-def classification_metrics(predictions: Predictions) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of `predictions`."""
+def classification_metrics(
+    predictions: Predictions, names: tuple[str, ...] | list[str] = ("accuracy", "f1_macro")
+) -> dict[str, float]:
+    """The metrics `names` (offline `evaluate` modules, see finetune.metrics), mean cross-entropy and
+    the number of examples scored."""
     predicted = predictions.logits.argmax(-1)
+    results = {}
+    for name in names:
+        metric = load_metric(name)
+        (results[name],) = metric.compute(predictions=predicted, references=predictions.labels).values()
     logits = torch.from_numpy(predictions.logits)
     labels = torch.from_numpy(predictions.labels).long()
-    return {
-        "accuracy": float(accuracy_score(predictions.labels, predicted)),
-        "f1_macro": float(f1_score(predictions.labels, predicted, average="macro")),
-        "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
-        "num_examples": int(len(predictions.labels)),
-    }
+    results["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    results["num_examples"] = int(len(predictions.labels))
+    return results
 
 
-def evaluate_classifier(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> dict[str, float]:
+def evaluate_classifier(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader,
+    names: tuple[str, ...] | list[str] = ("accuracy", "f1_macro"),
+) -> dict[str, float]:
     """Metrics of `model` on a prepared validation dataloader (identical on every process)."""
-    return classification_metrics(predict(accelerator, model, dataloader))
+    return classification_metrics(predict(accelerator, model, dataloader), names)

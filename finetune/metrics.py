@@ -20,9 +20,7 @@ from sklearn import metrics as skm
 from finetune.errors import UserError
 
 _CLASS_FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
-_FLOAT_FEATURES = datasets.Features(
-    {"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}
-)
+_FLOAT_FEATURES = datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")})
 
 
 class _OfflineMetric(evaluate.Metric):
@@ -127,15 +125,16 @@ def is_regression_metric(name: str) -> bool:
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
     """The offline metric called `name`, or else the Hub metric of that name (needs network)."""
+    # keep_in_memory: no cache files, so every process can compute on its gathered predictions at once.
     if name in CLASSIFICATION:
-        return CLASSIFICATION[name]()
+        return CLASSIFICATION[name](keep_in_memory=True)
     if name in REGRESSION:
-        return REGRESSION[name]()
+        return REGRESSION[name](keep_in_memory=True)
     base, _, average = name.rpartition("_") if name.rsplit("_", 1)[-1] in AVERAGES else (name, "", "macro")
     if base in AVERAGED:
-        return AVERAGED[base](average=average)
+        return AVERAGED[base](average=average, keep_in_memory=True)
     try:
-        return evaluate.load(name)
+        return evaluate.load(name, keep_in_memory=True)
     except Exception as err:  # network, unknown name: evaluate raises many types
         raise UserError(
             f"unknown metric {name!r}: offline metrics are {', '.join(available_metrics())}. "

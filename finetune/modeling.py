@@ -131,6 +131,7 @@ def apply_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
+
     def numel(p: torch.nn.Parameter) -> int:
         return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter holds only its shard
 

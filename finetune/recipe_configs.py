@@ -97,6 +97,9 @@ class EvalConfig:
 
     every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
     batch_size: int = option(64, "examples per process per evaluation batch", ge=1)
+    metrics: list[str] = option(
+        ["accuracy", "f1_macro"], "offline evaluate metrics: accuracy, f1/precision/recall_{micro,macro,weighted}, ..."
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from finetune.data import load_classification_data, make_dataloader, tokenize
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import evaluate_classifier
 from finetune.launch import make_accelerator
+from finetune.metrics import check_metric_names
 from finetune.modeling import (
     apply_lora,
     check_lora_targets,
@@ -51,6 +52,7 @@ def setup(argv: list[str]):
     model_config = load_model_config(cfg.model, num_labels=len(data.label_names))
     check_max_length(cfg.data.max_length, model_config, tokenizer)
     check_lora_targets(cfg.lora, model_config)
+    check_metric_names(cfg.eval.metrics, regression=False)
     accelerator, geometry = make_accelerator(cfg.train)
     return cfg, output_dir, data, tokenizer, accelerator, geometry
 
@@ -148,7 +150,8 @@ def main(argv: list[str]) -> None:
                         )
                     if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
                         with throughput.paused():  # evaluation time is not training throughput
-                            log.log(step, prefixed("eval", evaluate_classifier(accelerator, model, val_loader)))
+                            metrics = evaluate_classifier(accelerator, model, val_loader, cfg.eval.metrics)
+                        log.log(step, prefixed("eval", metrics))
                     if step == total_steps:
                         break
         epoch += 1
@@ -158,7 +161,7 @@ def main(argv: list[str]) -> None:
         **throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate_classifier(accelerator, model, val_loader)
+    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.eval.metrics)
     log.log(step, prefixed("eval", metrics))
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)

@@ -125,6 +125,7 @@ def test_bad_inputs_exit_2_before_writing(tiny_bert, toy_data, tmp_path, capsys,
         f"data.train={empty}": "no examples left after dropping rows with empty text",
         "data.max_length=512": "data.max_length=512 is above the model's limit of 64 tokens",
         "train.lr_scheduler=cosin": "train.lr_scheduler (command line): expected one of linear, cosine, constant",
+        "eval.metrics=[accuracy,acuracy]": "eval.metrics: unknown metric(s) ['acuracy']; offline metrics are",
     }
     for override, message in cases.items():
         assert message in run_bad([*base, override], capsys), override

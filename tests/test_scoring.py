@@ -1,0 +1,151 @@
+"""finetune-eval: scoring a model, a checkpoint and a run, on one and two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from conftest import REPO, free_port, read_jsonl, write_rows
+from safetensors.torch import load_file, save_file
+from test_recipe_classify import recipe_main, toy_args
+
+from finetune.scoring import main as score_main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_bert, toy_data, tmp_path_factory):
+    """A finished toy run (in this process), plus a second model in checkpoints/ with damaged weights."""
+    out = tmp_path_factory.mktemp("scored") / "run"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    recipe_main()(toy_args(tiny_bert, toy_data, out))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    checkpoint = out / "checkpoints" / "step_000010" / "model"
+    shutil.copytree(out / "final", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights = {k: v * 0 if k.startswith("classifier") else v for k, v in weights.items()}
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def score(args: list[str], capsys) -> str:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    score_main(args)
+    return capsys.readouterr().out
+
+
+def test_final_model_is_scored_as_training_scored_it(run_dir, capsys):
+    score([str(run_dir / "final")], capsys)
+    results = json.loads((run_dir / "final" / "eval" / "eval_results.json").read_text())
+    training = json.loads((run_dir / "eval_results.json").read_text())
+    for key in ("accuracy", "f1_macro", "num_examples"):
+        assert results[key] == training[key]  # same data (the run's own validation file), same code path
+    assert results["loss"] == pytest.approx(training["loss"], rel=1e-5)
+    assert len(results["data_fingerprint"]) == 16
+    rows = read_jsonl(run_dir / "final" / "eval" / "predictions.jsonl")
+    assert len(rows) == 37 and {"text", "gold", "predicted", "probabilities"} <= set(rows[0])
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    accuracy = sum(r["gold"] == r["predicted"] for r in rows) / len(rows)
+    assert accuracy == results["accuracy"]
+    with (run_dir / "final" / "eval" / "per_class.csv").open() as f:
+        per_class = list(csv.DictReader(f))
+    assert [r["label"] for r in per_class] == ["animal", "fruit", "vehicle"]
+    assert sum(int(r["support"]) for r in per_class) == 37
+    assert (run_dir / "final" / "eval" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_run_dir_gives_a_leaderboard_of_every_model(run_dir, capsys):
+    out = score([str(run_dir)], capsys)
+    assert "leaderboard by accuracy" in out
+    board = json.loads((run_dir / "eval" / "leaderboard.json").read_text())
+    assert [row["model"] for row in board] == ["final", "step_000010"]  # the damaged head scores worse
+    assert [row["best"] for row in board] == [True, False]
+    assert board[1]["step"] == 10
+    assert (run_dir / "eval" / "step_000010" / "predictions.jsonl").is_file()
+    assert (run_dir / "eval" / "final" / "predictions.jsonl").is_file()
+    assert (run_dir / "eval" / "leaderboard.csv").read_text().startswith("model,step,accuracy,f1_macro,loss,best")
+
+
+def test_checkpoint_dir_and_other_data(run_dir, tmp_path, capsys):
+    data = write_rows(tmp_path / "new.csv", [{"sentence": "red apple pear", "y": "fruit"}] * 3)
+    args = [
+        str(run_dir / "checkpoints" / "step_000010"),
+        f"data.validation={data}",
+        "data.text_column=sentence",
+        "data.label_column=y",
+        f"output.dir={tmp_path / 'scores'}",
+    ]
+    score(args, capsys)
+    results = json.loads((tmp_path / "scores" / "eval_results.json").read_text())
+    assert results["num_examples"] == 3 and results["step"] == 10
+
+
+def test_data_without_labels_gives_predictions_only(run_dir, tmp_path, capsys):
+    data = write_rows(tmp_path / "unlabelled.jsonl", [{"text": "a big bus"}, {"text": "my old cow"}])
+    score([str(run_dir / "final"), f"data.validation={data}", f"output.dir={tmp_path / 'p'}"], capsys)
+    rows = read_jsonl(tmp_path / "p" / "predictions.jsonl")
+    assert [r["gold"] for r in rows] == [None, None] and all(r["predicted"] for r in rows)
+    assert "accuracy" not in json.loads((tmp_path / "p" / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["{run}/final", "data.validation={sst2}", "data.text_column=sentence"],
+            "the data's labels ['0', '1'] are not labels of the model (animal, fruit, vehicle)",
+        ),
+        (["{run}/final", "data.validation={sst2}"], "column(s) ['text'] not found; the columns are: sentence, label"),
+        (["{run}/final", "eval.metrics=[acuracy]"], "unknown metric(s) ['acuracy']"),
+        (["{tmp}"], "is not a model, a checkpoint or a run: expected config.json and model.safetensors"),
+    ],
+)
+def test_bad_input(args, message, run_dir, tmp_path, capsys):
+    sst2 = write_rows(
+        tmp_path / "sst2.tsv", [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
+    )
+    args = [a.format(run=run_dir, sst2=sst2, tmp=tmp_path) for a in args]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(SystemExit) as exit_info:
+        score_main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_two_processes_score_every_example_once(run_dir, tmp_path):
+    """37 examples in batches of 4 over 2 processes: uneven, and the metrics equal one process's."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "finetune.scoring",
+        str(run_dir / "final"),
+        "eval.batch_size=4",
+        f"output.dir={tmp_path / 'two'}",
+    ]
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    one = json.loads((run_dir / "eval_results.json").read_text())
+    assert two["num_examples"] == 37
+    assert two["accuracy"] == one["accuracy"] and two["f1_macro"] == one["f1_macro"]
+    texts = [r["text"] for r in read_jsonl(tmp_path / "two" / "predictions.jsonl")]
+    assert len(texts) == 37 and texts == [
+        r["text"] for r in read_jsonl(run_dir / "final" / "eval" / "predictions.jsonl")
+    ]
