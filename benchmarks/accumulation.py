@@ -83,6 +83,21 @@ def accuracy(model, val, tokenizer) -> float:
     return correct / len(val)
 
 
+def measure(train, model, train_set, val, tokenizer) -> dict:
+    """Run `train()`; its examples per second, the model's validation accuracy and this process's memory."""
+    rss_before, _ = rss_mb()
+    start = time.perf_counter()
+    train()
+    seconds = time.perf_counter() - start
+    _, rss_peak = rss_mb()
+    return {
+        "samples_per_s": len(train_set) / seconds,
+        "accuracy": accuracy(model, val, tokenizer),
+        "memory_before_mb": rss_before,
+        "memory_peak_mb": rss_peak,
+    }
+
+
 def plain_worker(data_dir: Path, rows: int, micro: int, accumulation: int) -> dict:
     """The loop everyone writes: mean loss / k, optimizer step every k micro-batches, dynamic padding."""
     import torch
@@ -100,24 +115,18 @@ def plain_worker(data_dir: Path, rows: int, micro: int, accumulation: int) -> di
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
     steps = -(-len(loader) // accumulation)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
-    rss_before, _ = rss_mb()
-    model.train()
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        (model(**batch).loss / accumulation).backward()
-        if (i + 1) % accumulation == 0 or i + 1 == len(loader):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-    seconds = time.perf_counter() - start
-    _, rss_peak = rss_mb()
-    return {
-        "samples_per_s": len(train) / seconds,
-        "accuracy": accuracy(model, val, tokenizer),
-        "memory_before_mb": rss_before,
-        "memory_peak_mb": rss_peak,
-    }
+
+    def train_loop() -> None:
+        model.train()
+        for i, batch in enumerate(loader):
+            (model(**batch).loss / accumulation).backward()
+            if (i + 1) % accumulation == 0 or i + 1 == len(loader):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+
+    return measure(train_loop, model, train, val, tokenizer)
 
 
 def trainer_worker(data_dir: Path, rows: int, micro: int, accumulation: int, sampling: str) -> dict:
@@ -145,17 +154,7 @@ def trainer_worker(data_dir: Path, rows: int, micro: int, accumulation: int, sam
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
-    rss_before, _ = rss_mb()
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    _, rss_peak = rss_mb()
-    return {
-        "samples_per_s": len(train) / seconds,
-        "accuracy": accuracy(model, val, tokenizer),
-        "memory_before_mb": rss_before,
-        "memory_peak_mb": rss_peak,
-    }
+    return measure(trainer.train, model, train, val, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,12 +18,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from finetune.config import COMMAND_LINE, build_config, option, parse_argv, read_yaml
-from finetune.data import read_source
+from finetune.data import load_classification_data, make_dataloader, read_source, tokenize
 from finetune.errors import UserError, exit_on_user_error
+from finetune.evaluation import classification_metrics, predict
 from finetune.metrics import LOWER_IS_BETTER, available_metrics
 from finetune.recipe_configs import DataConfig
 from finetune.runs import write_json
@@ -122,8 +127,6 @@ def load_examples(data: DataConfig, label2id: dict[str, int]) -> tuple[list[str]
 
     Without data.validation the training run's own stratified split is rebuilt (same seed)."""
     if data.validation is None:
-        from finetune.data import load_classification_data
-
         split = load_classification_data(data)
         names = [split.label_names[i] for i in split.validation["label"]]
         ds = split.validation
@@ -161,10 +164,6 @@ def fingerprint(texts: list[str], labels: list[int] | None) -> str:
 
 def score_model(accelerator, model_info: ModelToScore, cfg: ScoreConfig, out_dir: Path) -> dict | None:
     """Predict with one model on every process; the main process writes its files and returns its metrics."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from finetune.data import make_dataloader, tokenize
-    from finetune.evaluation import classification_metrics, predict
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_info.path)
@@ -173,8 +172,6 @@ def score_model(accelerator, model_info: ModelToScore, cfg: ScoreConfig, out_dir
         raise UserError(f"{model_info.path}: could not load the model: {str(err).splitlines()[0]}") from None
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     texts, pairs, labels = load_examples(cfg.data, {v: k for k, v in id2label.items()})
-    from datasets import Dataset
-
     gold = labels if labels is not None else [-100] * len(texts)  # -100: no label, predictions only
     columns = {"text": texts, **({"text_pair": pairs} if pairs else {}), "label": gold}
     max_length = min(tokenizer.model_max_length, 10**6)  # final/ saves the training max_length here
@@ -252,16 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    import datasets
-
     datasets.disable_progress_bars()
     path, rest = Path(argv[0]), argv[1:]
     models, run_dir = find_models(path)
     cfg = load_config_for(run_dir, parse_argv(rest).overrides)
     scored_a_run = run_dir is not None and path.resolve() == run_dir.resolve()
     base = Path(cfg.output.dir) if cfg.output.dir else path / "eval"
-
-    from accelerate import Accelerator
 
     accelerator = Accelerator()
     rows = []
