@@ -38,7 +38,10 @@ class DataConfig:
     split_seed: int = option(42, "seed of the stratified train/validation split")
     text_column: str = option("text", "column holding the text")
     text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
-    label_column: str = option("label", "column holding the label (int ids or names)")
+    label_column: str = option("label", "column holding the label (int ids or names; numbers for regression)")
+    task: Literal["classification", "regression"] = option(
+        "classification", "classification (one output per label) or regression (one output, float labels, MSE)"
+    )
     label_names: list[str] = option([], "names of int labels 0..n-1 (string labels name themselves)")
     max_length: int = option(256, "tokens kept per example (longer ones are truncated)", gt=0)
     group_by_length: bool = option(
@@ -76,6 +79,15 @@ class TrainConfig:
     cpu_threads: int | None = option(
         None, "torch threads per process when training on CPU; null = this machine's cores / local processes", ge=1
     )
+    resume_from: str | None = option(
+        None, "latest = the newest complete checkpoint in output.dir (or a fresh start if none), or a checkpoint dir"
+    )
+    resume_allow_changes: bool = option(
+        False, "resume although model/data/batch/seed/schedule keys differ from the checkpoint's config"
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = option(
+        "stop", "a NaN/inf loss stops the run (naming the step), or skip = drop that optimizer step and go on"
+    )
 
 
 @dataclass
@@ -97,17 +109,33 @@ class EvalConfig:
 
     every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
     batch_size: int = option(64, "examples per process per evaluation batch", ge=1)
-    metrics: list[str] = option(
-        ["accuracy", "f1_macro"], "offline evaluate metrics: accuracy, f1/precision/recall_{micro,macro,weighted}, ..."
+    metrics: list[str] | None = option(
+        None,
+        "offline evaluate metrics: accuracy, f1/precision/recall_{micro,macro,weighted}, matthews_correlation; "
+        "pearson, spearman, mse (regression); null = accuracy, f1_macro (regression: pearson, spearman, mse)",
     )
+    metric_for_best: str | None = option(
+        None, "metric that picks the best checkpoint (and orders finetune-eval's leaderboard); null = the first metric"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints to resume from (accelerator.save_state) and to score (finetune-eval)."""
+
+    every_n_steps: int | None = option(None, "save every N optimizer steps; null = not by steps", gt=0)
+    at_epoch_end: bool = option(False, "save at the end of every epoch")
+    keep_last: int = option(2, "checkpoints kept: the newest N, plus the best by eval.metric_for_best", ge=1)
 
 
 @dataclass
 class OutputConfig:
     """Where the run is written."""
 
-    dir: str = option("runs/classify", "output dir: final/, metrics.jsonl, eval_results.json, config.yaml")
-    overwrite: bool = option(False, "replace a finished run already in `dir`")
+    dir: str = option(
+        "runs/classify", "output dir: final/, checkpoints/, metrics.jsonl, eval_results.json, config.yaml"
+    )
+    overwrite: bool = option(False, "replace a run (finished or not) already in `dir`")
 
 
 @dataclass
@@ -127,6 +155,7 @@ class ClassifyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -146,4 +175,18 @@ class ClassifyConfig:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append(f"data.label_names has duplicates: {self.data.label_names}")
+        metrics = self.resolved_metrics()
+        if self.eval.metric_for_best is not None and self.eval.metric_for_best not in [*metrics, "loss"]:
+            problems.append(
+                f"eval.metric_for_best={self.eval.metric_for_best!r} must be one of eval.metrics {metrics} or loss"
+            )
         return problems
+
+    def resolved_metrics(self) -> list[str]:
+        """eval.metrics, or the task's defaults."""
+        if self.eval.metrics is not None:
+            return list(self.eval.metrics)
+        return ["pearson", "spearman", "mse"] if self.data.task == "regression" else ["accuracy", "f1_macro"]
+
+    def metric_for_best(self) -> str:
+        return self.eval.metric_for_best or self.resolved_metrics()[0]

@@ -49,10 +49,10 @@ def setup(argv: list[str]):
     check_output_dir(output_dir, cfg.output.overwrite)
     data = load_classification_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    model_config = load_model_config(cfg.model, num_labels=len(data.label_names))
+    model_config = load_model_config(cfg.model, num_labels=data.num_outputs)
     check_max_length(cfg.data.max_length, model_config, tokenizer)
     check_lora_targets(cfg.lora, model_config)
-    check_metric_names(cfg.eval.metrics, regression=False)
+    check_metric_names(cfg.resolved_metrics(), regression=cfg.data.task == "regression")
     accelerator, geometry = make_accelerator(cfg.train)
     return cfg, output_dir, data, tokenizer, accelerator, geometry
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
 
     # ---- model
-    model = load_classifier(cfg.model, data.label_names, tokenizer)
+    model = load_classifier(cfg.model, data.label_names, tokenizer, task=data.task)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
                         )
                     if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
                         with throughput.paused():  # evaluation time is not training throughput
-                            metrics = evaluate_classifier(accelerator, model, val_loader, cfg.eval.metrics)
+                            metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
                         log.log(step, prefixed("eval", metrics))
                     if step == total_steps:
                         break
@@ -161,13 +161,14 @@ def main(argv: list[str]) -> None:
         **throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.eval.metrics)
+    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
     log.log(step, prefixed("eval", metrics))
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
     if accelerator.is_main_process:
         write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics, **run_stats})
-        print(f"done: {output_dir / 'final'} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
+        scores = " ".join(f"{name}={metrics[name]:.4f}" for name in cfg.resolved_metrics())
+        print(f"done: {output_dir / 'final'} {scores}")
     accelerator.end_training()
 
 
