@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -89,11 +90,18 @@ def read_source(spec: str, key: str, hub_config: str | None = None, hub_split: s
 
 @dataclass
 class ClassificationData:
-    """Train and validation examples with columns text (, text_pair), label (int ids 0..n-1)."""
+    """Train and validation examples with columns text (, text_pair), label: int ids 0..n-1, or float32
+    scores for regression."""
 
     train: Dataset
     validation: Dataset
-    label_names: list[str]
+    label_names: list[str]  # empty for regression
+    task: str = "classification"
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the model's head: one score for regression, one logit per class otherwise."""
+        return 1 if self.task == "regression" else len(self.label_names)
 
 
 def _select_columns(ds: Dataset, text: str, pair: str | None, label: str | None, key: str) -> Dataset:
@@ -141,6 +149,12 @@ def label_vocabulary(values: list, label_names: list[str], key: str) -> list[str
                 raise UserError(f"{key}: labels {unknown} are not in data.label_names {label_names}.")
             return list(label_names)
         return found
+    fractional = next((v for v in values if isinstance(v, float) and not v.is_integer()), None)
+    if fractional is not None:
+        raise UserError(
+            f"{key}: labels are numbers such as {fractional!r}, not class ids or names. To predict a score, "
+            "set data.task=regression; to classify, give int ids or names."
+        )
     kinds = sorted({type(v).__name__ for v in values})
     raise UserError(f"{key}: labels must be all ints or all strings; found {', '.join(kinds)}.")
 
@@ -169,32 +183,78 @@ def encode_labels(ds: Dataset, label_names: list[str], key: str, seen_in_train: 
     return ds.cast_column("label", ClassLabel(names=label_names))
 
 
-def load_classification_data(cfg) -> ClassificationData:
-    """Read, check and label-encode train and validation as `cfg` (a DataConfig) says."""
-    columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    train = read_source(cfg.train, "data.train", cfg.hub_config, cfg.train_split)
-    train = _drop_empty(_select_columns(train, *columns, key=f"data.train ({cfg.train})"), f"data.train ({cfg.train})")
-    label_names = label_vocabulary(train["label"], cfg.label_names, f"data.train ({cfg.train})")
-    train = encode_labels(train, label_names, f"data.train ({cfg.train})")
-    if cfg.validation is None:
-        try:
-            split = train.train_test_split(
-                test_size=cfg.validation_fraction, seed=cfg.split_seed, stratify_by_column="label"
-            )
-        except ValueError as err:
-            raise UserError(
-                f"data.validation_fraction={cfg.validation_fraction}: cannot carve a stratified validation split "
-                f"from {len(train)} training examples ({err}). Give data.validation or more data."
-            ) from None
-        return ClassificationData(split["train"], split["test"], label_names)
-    val_key = f"data.validation ({cfg.validation})"
+def regression_labels(ds: Dataset, key: str, label_column: str) -> Dataset:
+    """The `label` column as float32 scores; anything but finite numbers (ints or floats) is an error."""
+    feature = ds.features["label"]
+    dtype = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+    if not dtype.startswith(("int", "uint", "float")):  # bool, string, null, nested: not a score
+        example = next((v for v in ds["label"] if v is not None), None)
+        raise UserError(
+            f"{key}: data.label_column={label_column!r} must hold numbers for data.task=regression; found "
+            f"{dtype} values such as {example!r}. Give scores as numbers, or use data.task=classification."
+        )
+    scores = np.asarray(ds["label"], dtype=np.float64)
+    if not np.isfinite(scores).all():
+        row = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise UserError(
+            f"{key}: data.label_column={label_column!r} has no finite score in row {row} ({scores[row]}); "
+            "give every example a number."
+        )
+    return ds.cast_column("label", Value("float32"))
+
+
+def split_validation(train: Dataset, cfg, stratify: bool) -> tuple[Dataset, Dataset]:
+    """(train, validation) carved from train with data.split_seed: stratified by class, or plain random."""
+    kind = "stratified " if stratify else ""
+    try:
+        split = train.train_test_split(
+            test_size=cfg.validation_fraction, seed=cfg.split_seed, stratify_by_column="label" if stratify else None
+        )
+    except ValueError as err:
+        raise UserError(
+            f"data.validation_fraction={cfg.validation_fraction}: cannot carve a {kind}validation split "
+            f"from {len(train)} training examples ({err}). Give data.validation or more data."
+        ) from None
+    return split["train"], split["test"]
+
+
+def read_validation(cfg) -> Dataset:
+    """The rows data.validation names: a file or folder, or a split of data.train's Hub dataset."""
     if is_hub_dataset(cfg.train, "data.train"):  # then data.validation names a split of the same dataset
-        validation = read_hub(cfg.train, cfg.hub_config, cfg.validation, "data.validation")
+        return read_hub(cfg.train, cfg.hub_config, cfg.validation, "data.validation")
+    return read_source(cfg.validation, "data.validation")
+
+
+def load_classification_data(cfg) -> ClassificationData:
+    """Read, check and label-encode train and validation as `cfg` (a DataConfig) says.
+
+    For `cfg.task == "regression"` labels are float32 scores, there are no label names, and a validation
+    split carved from train is plain random (there are no classes to stratify by)."""
+    regression = cfg.task == "regression"
+    if regression and cfg.label_names:
+        raise UserError(
+            f"data.label_names={cfg.label_names}: a regression head has one output and no label names; "
+            "remove data.label_names or use data.task=classification."
+        )
+    columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    train_key = f"data.train ({cfg.train})"
+    train = read_source(cfg.train, "data.train", cfg.hub_config, cfg.train_split)
+    train = _drop_empty(_select_columns(train, *columns, key=train_key), train_key)
+    if regression:
+        train, label_names = regression_labels(train, train_key, cfg.label_column), []
     else:
-        validation = read_source(cfg.validation, "data.validation")
-    validation = _drop_empty(_select_columns(validation, *columns, key=val_key), val_key)
-    validation = encode_labels(validation, label_names, val_key, seen_in_train=set(train["label"]))
-    return ClassificationData(train, validation, label_names)
+        label_names = label_vocabulary(train["label"], cfg.label_names, train_key)
+        train = encode_labels(train, label_names, train_key)
+    if cfg.validation is None:
+        train, validation = split_validation(train, cfg, stratify=not regression)
+        return ClassificationData(train, validation, label_names, cfg.task)
+    val_key = f"data.validation ({cfg.validation})"
+    validation = _drop_empty(_select_columns(read_validation(cfg), *columns, key=val_key), val_key)
+    if regression:
+        validation = regression_labels(validation, val_key, cfg.label_column)
+    else:
+        validation = encode_labels(validation, label_names, val_key, seen_in_train=set(train["label"]))
+    return ClassificationData(train, validation, label_names, cfg.task)
 
 
 # --------------------------------------------------------------------------------------------

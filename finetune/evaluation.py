@@ -1,4 +1,4 @@
-"""Scoring a classifier: predictions gathered from every process, each example counted once."""
+"""Scoring a classifier or regression head: predictions gathered from every process, each example counted once."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from finetune.metrics import load_metric
 class Predictions:
     """Logits and gold labels of a whole evaluation set, in dataset order."""
 
-    logits: np.ndarray  # (examples, classes)
-    labels: np.ndarray  # (examples,)
+    logits: np.ndarray  # (examples, classes), or (examples, 1) for a regression head
+    labels: np.ndarray  # (examples,): class ids, or float scores
 
 
 @torch.no_grad()
@@ -36,19 +36,30 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Pre
     return Predictions(torch.cat(logits_parts).numpy(), torch.cat(label_parts).numpy())
 
 
+def is_regression(predictions: Predictions) -> bool:
+    """A regression head: one output per example and float gold scores (class ids are ints)."""
+    return predictions.logits.shape[-1] == 1 and np.issubdtype(predictions.labels.dtype, np.floating)
+
+
 def classification_metrics(
     predictions: Predictions, names: tuple[str, ...] | list[str] = ("accuracy", "f1_macro")
 ) -> dict[str, float]:
-    """The metrics `names` (offline `evaluate` modules, see finetune.metrics), mean cross-entropy and
-    the number of examples scored."""
-    predicted = predictions.logits.argmax(-1)
+    """The metrics `names` (offline `evaluate` modules, see finetune.metrics), the mean loss the model
+    trains on (cross-entropy, or squared error for a regression head) and the number of examples scored."""
+    if is_regression(predictions):
+        predicted = predictions.logits[:, 0]
+        errors = predicted.astype(np.float64) - predictions.labels.astype(np.float64)
+        loss = float(np.mean(errors**2))
+    else:
+        predicted = predictions.logits.argmax(-1)
+        logits = torch.from_numpy(predictions.logits)
+        labels = torch.from_numpy(predictions.labels).long()
+        loss = float(torch.nn.functional.cross_entropy(logits, labels))
     results = {}
     for name in names:
         metric = load_metric(name)
         (results[name],) = metric.compute(predictions=predicted, references=predictions.labels).values()
-    logits = torch.from_numpy(predictions.logits)
-    labels = torch.from_numpy(predictions.labels).long()
-    results["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    results["loss"] = loss
     results["num_examples"] = int(len(predictions.labels))
     return results
 

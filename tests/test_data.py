@@ -119,6 +119,14 @@ def test_too_few_examples_to_stratify(tmp_path):
         load_classification_data(data_config(train=str(path), validation_fraction=0.25))
 
 
+def test_fractional_labels_suggest_regression(tmp_path):
+    path = write_rows(tmp_path / "stsb.csv", [{"text": f"t{i}", "label": [0.0, 3.8, 5.0][i % 3]} for i in range(9)])
+    with pytest.raises(UserError) as err:
+        load_classification_data(data_config(train=str(path)))
+    assert "labels are numbers such as 3.8, not class ids or names" in str(err.value)
+    assert "set data.task=regression" in str(err.value)
+
+
 def test_hub_dataset_offline_gives_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:

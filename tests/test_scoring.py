@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import REPO, free_port, read_jsonl, write_rows
 from safetensors.torch import load_file, save_file
 from test_recipe_classify import recipe_main, toy_args
+from transformers import AutoTokenizer
 
+from finetune.scoring import leaderboard
 from finetune.scoring import main as score_main
 
 
@@ -93,6 +96,53 @@ def test_data_without_labels_gives_predictions_only(run_dir, tmp_path, capsys):
     rows = read_jsonl(tmp_path / "p" / "predictions.jsonl")
     assert [r["gold"] for r in rows] == [None, None] and all(r["predicted"] for r in rows)
     assert "accuracy" not in json.loads((tmp_path / "p" / "eval_results.json").read_text())
+
+
+def test_lora_checkpoint_of_a_run_is_scored_with_the_runs_labels(run_dir, tiny_bert, tmp_path, capsys):
+    """A LoRA run's checkpoint is a peft adapter without config.json: its label names come from the run's data."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from finetune.modeling import load_classifier
+    from finetune.recipe_configs import ModelConfig
+
+    run = tmp_path / "lora_run"
+    run.mkdir()
+    shutil.copy(run_dir / "config.yaml", run / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    model = load_classifier(ModelConfig(name_or_path=str(tiny_bert)), ["animal", "fruit", "vehicle"], tokenizer)
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules="all-linear"))
+    with torch.no_grad():  # a non-trivial adapter and head
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                parameter.normal_(std=0.5)
+    checkpoint = run / "checkpoints" / "step_000007" / "model"
+    peft_model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+
+    out = score([str(run)], capsys)
+    assert "leaderboard by accuracy" in out
+    board = json.loads((run / "eval" / "leaderboard.json").read_text())
+    assert [(row["model"], row["step"]) for row in board] == [("step_000007", 7)]
+    rows = read_jsonl(run / "eval" / "step_000007" / "predictions.jsonl")
+    assert len(rows) == 37 and {r["gold"] for r in rows} == {"animal", "fruit", "vehicle"}
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(**tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)).logits
+    probabilities = torch.softmax(logits, -1)
+    saved = [p for r in rows for p in r["probabilities"].values()]
+    assert saved == pytest.approx(probabilities.flatten().tolist(), abs=1e-5)
+    assert list(rows[0]["probabilities"]) == ["animal", "fruit", "vehicle"]
+
+
+def test_leaderboard_order_by_metric_direction_and_nan_last():
+    rows = [{"model": "a", "pearson": 0.5, "mse": 0.4}, {"model": "b", "pearson": float("nan"), "mse": 0.9}]
+    rows.append({"model": "c", "pearson": 0.9, "mse": 0.2})
+    assert [r["model"] for r in leaderboard([dict(r) for r in rows], "pearson")] == ["c", "a", "b"]
+    ranked = leaderboard([dict(r) for r in rows], "mse")
+    assert [r["model"] for r in ranked] == ["c", "a", "b"] and [r["best"] for r in ranked] == [True, False, False]
+    rows[1]["mse"] = 0.1
+    assert [r["model"] for r in leaderboard(rows, "mse")] == ["b", "c", "a"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,303 @@
+"""A regression head (one output, float labels, MSE): data, model, metrics, the recipe and finetune-eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import CLASSIFY, KEYWORDS, keyword_rows, launch, read_jsonl, write_rows
+from datasets import Dataset
+from scipy import stats
+from sklearn import metrics as skm
+from transformers import AutoConfig, AutoTokenizer, pipeline
+
+from finetune.config import build_config
+from finetune.data import load_classification_data
+from finetune.errors import UserError
+from finetune.evaluation import Predictions, classification_metrics
+from finetune.modeling import load_classifier
+from finetune.recipe_configs import DataConfig, ModelConfig
+from finetune.scoring import main as score_main
+
+
+def scored_rows(n: int, seed: int) -> list[dict]:
+    """Toy rows whose score is half the number of fruit words in the text: 0 for other topics, 1.0..3.0."""
+    rows = keyword_rows(n, seed=seed)
+    return [
+        {"text": r["text"], "score": sum(w in KEYWORDS["fruit"] for w in r["text"].split()) / 2, "topic": r["label"]}
+        for r in rows
+    ]
+
+
+def regression_config(**values) -> DataConfig:
+    return build_config(DataConfig, [("test", {"task": "regression", "label_column": "score", **values})])
+
+
+def score(args: list[str]) -> None:
+    """finetune-eval in this process (a fresh Accelerate state each time)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    score_main(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scores_are_float32_and_the_validation_split_is_plain_random(tmp_path):
+    rows = [{"text": f"text {i}", "score": i / 7} for i in range(50)]  # all distinct: nothing to stratify by
+    cfg = regression_config(train=str(write_rows(tmp_path / "t.jsonl", rows)), validation_fraction=0.2, split_seed=3)
+    data = load_classification_data(cfg)
+    assert data.task == "regression" and data.label_names == [] and data.num_outputs == 1
+    assert data.train.features["label"].dtype == "float32"
+    plain = Dataset.from_list(rows).train_test_split(test_size=0.2, seed=3)
+    assert data.validation["text"] == plain["test"]["text"]
+    assert data.validation["label"] == pytest.approx([r["score"] for r in plain["test"]], abs=1e-6)
+    other = load_classification_data(regression_config(train=cfg.train, validation_fraction=0.2, split_seed=4))
+    assert other.validation["text"] != data.validation["text"]
+
+
+def test_int_scores_and_a_validation_file(tmp_path):
+    train = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i % 5} for i in range(10)])
+    val = write_rows(tmp_path / "v.csv", [{"text": "a", "score": 2.5}, {"text": "b", "score": -1}])
+    data = load_classification_data(regression_config(train=str(train), validation=str(val)))
+    assert data.train["label"][:5] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert data.validation["label"] == [2.5, -1.0]
+    assert data.validation.features["label"].dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    ("scores", "found"), [(["high", "low"], "found string values such as 'high'"), ([True, False], "found bool")]
+)
+def test_labels_that_are_not_numbers_are_refused(tmp_path, scores, found):
+    path = write_rows(tmp_path / "t.jsonl", [{"text": f"t{i}", "score": s} for i, s in enumerate(scores * 3)])
+    with pytest.raises(UserError) as err:
+        load_classification_data(regression_config(train=str(path)))
+    message = str(err.value)
+    assert f"data.train ({path}): data.label_column='score' must hold numbers for data.task=regression" in message
+    assert found in message
+
+
+def test_a_validation_file_with_text_scores_is_refused(tmp_path):
+    train = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i / 3} for i in range(6)])
+    val = write_rows(tmp_path / "v.csv", [{"text": "a", "score": "high"}])
+    with pytest.raises(UserError, match=r"data.validation \(.*v.csv\): data.label_column='score' must hold numbers"):
+        load_classification_data(regression_config(train=str(train), validation=str(val)))
+
+
+def test_label_names_are_a_config_problem_for_regression(tmp_path):
+    path = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i / 3} for i in range(6)])
+    with pytest.raises(UserError, match=r"data.label_names=\['low', 'high'\]: a regression head has one output"):
+        load_classification_data(regression_config(train=str(path), label_names=["low", "high"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_regression_head_has_one_output_and_pipeline_returns_its_raw_score(tiny_bert, tmp_path):
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    model = load_classifier(cfg, [], tokenizer, task="regression")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    with torch.no_grad():
+        model.classifier.bias.fill_(3.0)  # scores well outside (0, 1): a sigmoid would show
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    texts = ["the red apple", "a big bus", "my cat"]
+    with torch.no_grad():
+        logits = model.eval()(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
+    assert logits.abs().max() > 1
+    outputs = pipeline("text-classification", model=str(tmp_path / "m"), device="cpu")(texts)
+    assert [o["label"] for o in outputs] == ["score"] * 3
+    assert [o["score"] for o in outputs] == pytest.approx(logits.tolist(), abs=1e-5)
+    classifier = load_classifier(cfg, ["a", "b"], tokenizer)
+    assert classifier.config.num_labels == 2 and classifier.config.problem_type is None
+
+
+def test_regression_metrics_equal_scipy_and_scikit_learn():
+    rng = np.random.default_rng(1)
+    gold = rng.normal(size=53).astype(np.float32)
+    logits = (gold + rng.normal(scale=0.7, size=53)).astype(np.float32)[:, None]
+    results = classification_metrics(Predictions(logits, gold), ["pearson", "spearman", "mse"])
+    predicted = logits[:, 0].astype(np.float64)
+    assert results["pearson"] == pytest.approx(stats.pearsonr(predicted, gold).statistic, abs=1e-12)
+    assert results["spearman"] == pytest.approx(stats.spearmanr(predicted, gold).statistic, abs=1e-12)
+    assert results["mse"] == pytest.approx(skm.mean_squared_error(gold, predicted), abs=1e-12)
+    assert results["loss"] == pytest.approx(results["mse"], abs=1e-12)
+    assert results["num_examples"] == 53
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe and finetune-eval, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def regression_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("regression_data")
+    return {
+        "train": write_rows(root / "train.csv", scored_rows(240, seed=1)),
+        "validation": write_rows(root / "validation.csv", scored_rows(37, seed=2)),
+    }
+
+
+@pytest.fixture(scope="module")
+def regression_run(tiny_bert, regression_data, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("regression_run") / "out"
+    args = [
+        f"model.name_or_path={tiny_bert}",
+        f"data.train={regression_data['train']}",
+        f"data.validation={regression_data['validation']}",
+        "data.task=regression",
+        "data.label_column=score",
+        "data.max_length=32",
+        "train.max_steps=60",
+        "train.micro_batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=3",
+        "eval.every_n_steps=20",
+        "eval.batch_size=8",
+        f"output.dir={output_dir}",
+    ]
+    result = launch(CLASSIFY, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.mark.recipe
+def test_recipe_learns_the_scores(regression_run, regression_data):
+    results = json.loads((regression_run / "eval_results.json").read_text())
+    assert {"pearson", "spearman", "mse", "loss"} <= set(results) and "accuracy" not in results
+    assert results["num_examples"] == 37 and results["loss"] == results["mse"]
+    gold = pd.read_csv(regression_data["validation"])["score"].to_numpy()
+    # Better than the best constant guess (the mean, whose MSE is the variance) by a wide margin.
+    assert results["mse"] < 0.5 * gold.var(), (results["mse"], gold.var())
+    assert results["pearson"] > 0.8
+    evals = [r for r in read_jsonl(regression_run / "metrics.jsonl") if "eval_mse" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert evals[-1]["eval_mse"] < evals[0]["eval_mse"]
+    config = AutoConfig.from_pretrained(regression_run / "final")
+    assert config.num_labels == 1 and config.problem_type == "regression" and config.id2label == {0: "score"}
+
+
+@pytest.mark.recipe
+def test_final_model_scores_in_pipeline_and_finetune_eval_as_in_training(regression_run):
+    score([str(regression_run / "final")])
+    eval_dir = regression_run / "final" / "eval"
+    scored = json.loads((eval_dir / "eval_results.json").read_text())
+    training = json.loads((regression_run / "eval_results.json").read_text())
+    for key in ("pearson", "spearman", "mse", "loss"):
+        assert scored[key] == pytest.approx(training[key], abs=1e-6), key
+    assert scored["num_examples"] == 37
+    assert not (eval_dir / "per_class.csv").exists() and not (eval_dir / "confusion_matrix.png").exists()
+    rows = read_jsonl(eval_dir / "predictions.jsonl")
+    assert len(rows) == 37 and set(rows[0]) == {"text", "gold", "predicted"}
+    assert all(isinstance(r["gold"], float) and isinstance(r["predicted"], float) for r in rows)
+    assert np.mean([(r["gold"] - r["predicted"]) ** 2 for r in rows]) == pytest.approx(scored["mse"], abs=1e-6)
+    outputs = pipeline("text-classification", model=str(regression_run / "final"), device="cpu")(
+        [r["text"] for r in rows[:5]], truncation=True
+    )
+    assert [o["score"] for o in outputs] == pytest.approx([r["predicted"] for r in rows[:5]], abs=1e-5)
+
+
+@pytest.mark.recipe
+def test_run_leaderboard_follows_the_saved_metric_for_best(regression_run, tmp_path):
+    """A second model with its head's sign flipped; the run's config says mse (lower is better) picks the best."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(regression_run, run, ignore=shutil.ignore_patterns("eval"))
+    checkpoint = run / "checkpoints" / "step_000020" / "model"
+    shutil.copytree(run / "final", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights = {k: -v if k.startswith("classifier") else v for k, v in weights.items()}
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    config = (run / "config.yaml").read_text()
+    assert "metric_for_best: null" in config
+    (run / "config.yaml").write_text(config.replace("metric_for_best: null", "metric_for_best: mse"))
+    score([str(run)])
+    board = json.loads((run / "eval" / "leaderboard.json").read_text())
+    assert [row["model"] for row in board] == ["final", "step_000020"]
+    assert board[0]["mse"] < board[1]["mse"] and board[0]["best"]
+    assert (run / "eval" / "leaderboard.csv").read_text().startswith("model,step,pearson,spearman,mse,loss,best")
+
+
+@pytest.mark.recipe
+def test_other_data_with_and_without_scores(regression_run, tmp_path):
+    labelled = write_rows(tmp_path / "l.jsonl", [{"s": "apple pear", "y": 1}, {"s": "a bus", "y": 0.0}])
+    args = ["data.text_column=s", "data.label_column=y", f"output.dir={tmp_path / 'l'}"]
+    score([str(regression_run / "final"), f"data.validation={labelled}", *args])
+    results = json.loads((tmp_path / "l" / "eval_results.json").read_text())
+    assert results["num_examples"] == 2 and "mse" in results
+    unlabelled = write_rows(tmp_path / "u.jsonl", [{"text": "a red plum"}, {"text": "my old cow"}])
+    score([str(regression_run / "final"), f"data.validation={unlabelled}", f"output.dir={tmp_path / 'p'}"])
+    rows = read_jsonl(tmp_path / "p" / "predictions.jsonl")
+    assert [r["gold"] for r in rows] == [None, None] and all(isinstance(r["predicted"], float) for r in rows)
+    assert "mse" not in json.loads((tmp_path / "p" / "eval_results.json").read_text())
+
+
+@pytest.mark.recipe
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["data.label_column=topic"], "data.label_column='topic' must hold numbers for data.task=regression"),
+        (["eval.metrics=[accuracy]"], "eval.metrics: ['accuracy'] do not apply to a regression (1 output) model"),
+    ],
+)
+def test_bad_input_for_a_regression_model(regression_run, regression_data, extra, message, capsys):
+    args = [str(regression_run / "final"), f"data.validation={regression_data['validation']}", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        score(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A LoRA checkpoint: a peft adapter dir, no merged weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["adapter-only", "adapter+config.json"])
+def test_a_peft_adapter_dir_is_scored_with_its_adapter(tiny_bert, regression_data, tmp_path, with_config):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    model = load_classifier(ModelConfig(name_or_path=str(tiny_bert)), [], tokenizer, task="regression")
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules="all-linear"))
+    with torch.no_grad():  # lora_B starts at zero (a no-op adapter): make the adapter change the outputs
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    adapter_dir = tmp_path / "checkpoints" / "step_000004" / "model"
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    if with_config:
+        model.config.save_pretrained(adapter_dir)
+    assert not (adapter_dir / "model.safetensors").exists()
+
+    data = [f"data.validation={regression_data['validation']}", "data.label_column=score"]
+    score([str(adapter_dir.parent), *data, f"output.dir={tmp_path / 'e'}"])
+    rows = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    texts = [r["text"] for r in rows]
+    peft_model.eval()
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits[:, 0]
+        with peft_model.disable_adapter():
+            without_adapter = peft_model(**inputs).logits[:, 0]
+    assert [r["predicted"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert not torch.allclose(expected, without_adapter, atol=1e-3)  # so the match above needs the adapter
+    results = json.loads((tmp_path / "e" / "eval_results.json").read_text())
+    assert results["step"] == 4 and results["num_examples"] == 37 and "mse" in results
