@@ -82,8 +82,11 @@ def accumulation_windows(
     accelerator: Accelerator,
     dataloader: Iterable[dict],
     count_loss_terms: Callable[[dict], torch.Tensor],
+    on_window: Callable[[Window], None] | None = None,
 ) -> Iterator[tuple[dict, Window]]:
     """Yield (micro-batch, its window) over a prepared dataloader, one window read ahead at a time.
+
+    `on_window(window)` runs after a window is read and before its first micro-batch is yielded.
 
     Needs an Accelerator made with `GradientAccumulationPlugin(sync_with_dataloader=False)` (see
     `finetune.launch.make_accelerator`): reading ahead reaches the end of the dataloader before the
@@ -104,6 +107,8 @@ def accumulation_windows(
         window = Window(size=len(batches), num_loss_terms=total, _scale=scale)
         # Align accumulate()'s counter so that (counter % k == 0) falls on this window's last batch.
         accelerator.step = k - len(batches)
+        if on_window is not None:
+            on_window(window)
         for batch in batches:
             yield batch, window
 

@@ -30,6 +30,12 @@ class ConfigError(UserError):
         super().__init__("\n".join(lines))
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def is_rank_zero() -> bool:
     """True on the global main process; readable before any process group exists."""
     return os.environ.get("RANK", "0") == "0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from transformers import (
 
 from finetune.errors import UserError
 from finetune.paths import local_path
-from finetune.runs import atomic_dir
+from finetune.runs import replace_dir
 
 # Tokenizers without a real limit report this sentinel (int(1e30)) as model_max_length.
 _NO_LIMIT = 10**9
@@ -73,16 +74,39 @@ def check_max_length(max_length: int, config: PretrainedConfig, tokenizer: PreTr
         )
 
 
-def load_classifier(cfg, label_names: list[str], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A sequence-classification model with a fresh head for `label_names`, labels saved in its config."""
-    id2label = dict(enumerate(label_names))
+# id2label name of a regression head's single output: pipeline("text-classification") reports it as the label.
+REGRESSION_LABEL = "score"
+
+
+def head_config(label_names: list[str], task: str = "classification") -> dict:
+    """Config of a fresh classification head: its outputs, their names, and the problem type.
+
+    problem_type "regression" makes pipeline("text-classification") return the raw score (it would apply a
+    sigmoid to a 1-output head otherwise); None keeps a classifier's config as before."""
+    if task == "regression":
+        id2label = {0: REGRESSION_LABEL}
+        problem_type = "regression"
+    else:
+        id2label = dict(enumerate(label_names))
+        problem_type = None  # resets a regression checkpoint's type when it is fine-tuned to classify
+    return {
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "label2id": {name: i for i, name in id2label.items()},
+        "problem_type": problem_type,
+    }
+
+
+def load_classifier(
+    cfg, label_names: list[str], tokenizer: PreTrainedTokenizerBase, task: str = "classification"
+) -> PreTrainedModel:
+    """A sequence-classification model with a fresh head for `label_names` (or one regression output),
+    labels saved in its config."""
     model = _load(
         AutoModelForSequenceClassification,
         cfg,
         "model",
-        num_labels=len(label_names),
-        id2label=id2label,
-        label2id={name: i for i, name in id2label.items()},
+        **head_config(label_names, task),
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a fresh head
     )
     if model.config.pad_token_id is None:
@@ -139,21 +163,35 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(numel(p) for p in model.parameters())
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int) -> None:
-    """Weights (safetensors), config with label names and tokenizer into `target`, atomically.
+def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int, merge_lora: bool) -> None:
+    """Weights (safetensors), config with label names and tokenizer into `target`; every process calls it.
 
-    A LoRA model is saved merged (a plain transformers model, loadable by `pipeline`), its adapter beside
-    it in `target/adapter/`.
+    A LoRA model is written merged (a plain transformers model, loadable by `pipeline`) with its adapter
+    in `target/adapter/`, or, with `merge_lora=False` (mid-training: merging would change the model being
+    trained), as the adapter alone.
     """
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/ZeRO-3: every process calls it
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "merge_and_unload"):  # a peft model
+        unwrapped.save_pretrained(target / "adapter" if merge_lora else target, state_dict=state_dict)
+        if merge_lora:
+            unwrapped.merge_and_unload().save_pretrained(target)
+        else:  # the labels and head shape, for finetune-eval
+            unwrapped.get_base_model().config.save_pretrained(target)
+    else:
+        unwrapped.save_pretrained(target, state_dict=state_dict)
+    tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
+    tokenizer.save_pretrained(target)
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int) -> None:
+    """`write_model` (merged) into `target`, atomically: a crash leaves only a `.tmp-*` dir beside it."""
+    tmp = target.with_name(f".tmp-{target.name}")
     if accelerator.is_main_process:
-        with atomic_dir(target) as tmp:
-            unwrapped = accelerator.unwrap_model(model)
-            if hasattr(unwrapped, "merge_and_unload"):  # a peft model
-                unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
-                unwrapped.merge_and_unload().save_pretrained(tmp)
-            else:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
-            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_model(accelerator, model, tokenizer, tmp, max_length, merge_lora=True)
+    if accelerator.is_main_process:
+        replace_dir(tmp, target)
     accelerator.wait_for_everyone()

@@ -18,17 +18,23 @@ RUN_ARTIFACTS = ("final", "checkpoints", "config.yaml", "metrics.jsonl", "eval_r
 FINISHED_MARKERS = ("final", "eval_results.json")
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """A dir holding another run is refused unless `overwrite`; call on every process before work starts."""
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool = False, fresh_if_unfinished=False) -> None:
+    """A dir holding another run is refused unless `overwrite` or resuming it; call on every process
+    before work starts. `fresh_if_unfinished` (resume_from=latest found no checkpoint) lets a run that
+    died before its first checkpoint start over."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output.dir={output_dir} exists and is not a directory; choose another output.dir.")
     found = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
-    if not found or overwrite:
+    if not found or overwrite or resuming:
         return
-    state = "a finished run" if any(m in found for m in FINISHED_MARKERS) else "an unfinished run"
+    finished = any(m in found for m in FINISHED_MARKERS)
+    if fresh_if_unfinished and not finished:
+        return
+    state = "a finished run" if finished else "an unfinished run"
+    resume = "" if finished else ", train.resume_from=latest to continue it from its last checkpoint,"
     raise UserError(
         f"output.dir={output_dir} already holds {state} ({', '.join(found)}). "
-        "Choose another output.dir, or set output.overwrite=true to replace it."
+        f"Choose another output.dir{resume} or set output.overwrite=true to replace it."
     )
 
 
@@ -52,16 +58,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".old-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished dir `tmp` to `target`, replacing an older `target` (kept until the rename is done)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
 
 
 def write_json(path: Path, data: Any) -> None:

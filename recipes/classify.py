@@ -9,17 +9,33 @@ How it runs (CPU, GPUs, DeepSpeed, FSDP, several machines) is the launcher's bus
 
 from __future__ import annotations
 
+import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
+import torch
 from accelerate.utils import set_seed
 
 from finetune.accumulation import LossMeter, accumulation_windows, count_label_terms, summed_classification_loss
 from finetune.batching import find_micro_batch_size
-from finetune.config import load_config, save_config
+from finetune.checkpoints import (
+    Progress,
+    StepFlags,
+    config_changes,
+    geometry_changes,
+    load_checkpoint,
+    read_progress,
+    refuse_changes,
+    resolve_resume,
+    save_checkpoint,
+    seed_window,
+    trim_metrics_log,
+)
+from finetune.config import config_to_dict, load_config, save_config
 from finetune.data import load_classification_data, make_dataloader, tokenize
-from finetune.errors import exit_on_user_error
+from finetune.errors import UserError, exit_on_user_error
 from finetune.evaluation import evaluate_classifier
 from finetune.launch import make_accelerator
 from finetune.metrics import check_metric_names
@@ -32,6 +48,7 @@ from finetune.modeling import (
     load_tokenizer,
     parameter_counts,
     save_final,
+    write_model,
 )
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ClassifyConfig
@@ -42,11 +59,20 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
 
 
 def setup(argv: list[str]):
-    """Parse and check everything cheap — config, output dir, data, model limits — before any weights load."""
+    """Parse and check everything cheap — config, output dir, checkpoint to resume, data, model limits —
+    before any weights load."""
     cfg = load_config(ClassifyConfig, argv, DEFAULT_CONFIG, prog="recipes/classify.py")
     datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
     output_dir = Path(cfg.output.dir)
-    check_output_dir(output_dir, cfg.output.overwrite)
+    resume_dir = None if cfg.output.overwrite else resolve_resume(cfg.train.resume_from, output_dir)
+    check_output_dir(
+        output_dir,
+        cfg.output.overwrite,
+        resuming=resume_dir is not None,
+        fresh_if_unfinished=cfg.train.resume_from == "latest",
+    )
+    if resume_dir is not None and not cfg.train.resume_allow_changes:
+        refuse_changes(config_changes(resume_dir, config_to_dict(cfg)), resume_dir)
     data = load_classification_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model_config = load_model_config(cfg.model, num_labels=data.num_outputs)
@@ -54,16 +80,18 @@ def setup(argv: list[str]):
     check_lora_targets(cfg.lora, model_config)
     check_metric_names(cfg.resolved_metrics(), regression=cfg.data.task == "regression")
     accelerator, geometry = make_accelerator(cfg.train)
-    return cfg, output_dir, data, tokenizer, accelerator, geometry
+    return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
 
 
 @exit_on_user_error
 def main(argv: list[str]) -> None:
-    cfg, output_dir, data, tokenizer, accelerator, geometry = setup(argv)
+    cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
-        if cfg.output.overwrite:
-            clear_previous_run(output_dir)
+        if resume_dir is not None:
+            trim_metrics_log(output_dir / "metrics.jsonl", read_progress(resume_dir).step)
+        else:
+            clear_previous_run(output_dir)  # only what check_output_dir allowed: overwrite, or a run with no checkpoint
         output_dir.mkdir(parents=True, exist_ok=True)
         rerun = "accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>"
         save_config(cfg, output_dir / "config.yaml", header=f"Resolved config; rerun with:\n  {rerun}")
@@ -111,31 +139,79 @@ def main(argv: list[str]) -> None:
         build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
     )
     log.info(
-        f"{len(data.train)} train / {len(data.validation)} validation examples, {len(data.label_names)} labels; "
+        f"{len(data.train)} train / {len(data.validation)} validation examples, {data.num_outputs} outputs; "
         f"{geometry.describe()}; {total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
     )
 
+    # ---- resume
+    progress = Progress(
+        num_processes=accelerator.num_processes, micro_batch_size=geometry.micro_batch_size, accumulation_steps=k
+    )
+    if resume_dir is not None:
+        saved = load_checkpoint(accelerator, resume_dir)
+        if not cfg.train.resume_allow_changes:
+            refuse_changes(geometry_changes(saved, progress.num_processes, progress.micro_batch_size, k), resume_dir)
+        progress.step, progress.epoch = saved.step, saved.epoch
+        progress.batches_into_epoch, progress.samples_seen = saved.batches_into_epoch, saved.samples_seen
+        log.info(
+            f"resumed from {resume_dir}: step {saved.step}, epoch {saved.epoch}, "
+            f"{saved.batches_into_epoch} batches into it"
+        )
+
+    def save(metrics: dict | None, reason: str) -> Path:
+        return save_checkpoint(
+            accelerator,
+            output_dir,
+            replace(progress, metrics=metrics, reason=reason),
+            cfg,
+            lambda target: write_model(accelerator, model, tokenizer, target, cfg.data.max_length, merge_lora=False),
+            cfg.checkpoint.keep_last,
+            cfg.metric_for_best(),
+        )
+
     # ---- train
-    step, epoch = 0, 0
+    step, epoch = progress.step, progress.epoch
     memory_before = memory_mb(accelerator.device)["now"]
-    loss_meter, throughput = LossMeter(), Throughput()
+    loss_meter, throughput, flags = LossMeter(), Throughput(), StepFlags()
     log.start_progress(total_steps)
+    log.advance(step)
     model.train()
     while step < total_steps:
         train_loader.set_epoch(epoch)
-        for batch, window in accumulation_windows(accelerator, train_loader, count_label_terms):
+        skip = progress.batches_into_epoch
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        # Dropout masks from (seed, step) alone, so that a resumed run draws the same ones (see finetune.checkpoints).
+        reseed = lambda window: seed_window(cfg.train.seed, progress.step)  # noqa: E731
+        window_finite = torch.tensor(True)
+        for batch, window in accumulation_windows(accelerator, batches, count_label_terms, on_window=reseed):
             with accelerator.accumulate(model):
                 labels = batch.pop("labels")
                 summed_loss = summed_classification_loss(model(**batch).logits, labels)
+                window_finite &= torch.isfinite(summed_loss.detach()).cpu()
                 accelerator.backward(window.normalise(summed_loss))
                 loss_meter.add(summed_loss, window)
                 throughput.add(len(labels) * accelerator.num_processes)
+                progress.batches_into_epoch += 1
                 if accelerator.sync_gradients:  # the window's last micro-batch: one optimizer step
+                    nonfinite, stop = flags.exchange(accelerator, window_finite)
+                    stop = stop and step + 1 < total_steps  # on the last step, finishing is the quickest way out
+                    window_finite = torch.tensor(True)
+                    if nonfinite and cfg.train.on_nonfinite_loss == "stop":
+                        raise UserError(
+                            f"the training loss is not finite (NaN or inf) at optimizer step {step + 1} "
+                            f"(epoch {epoch}). Lower train.lr, check the data, or set train.on_nonfinite_loss=skip."
+                        )
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-                    optimizer.step()
+                    if nonfinite:
+                        log.info(f"step {step + 1}: the loss is not finite; update skipped")
+                    else:
+                        optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
                     step += 1
+                    progress.step, progress.samples_seen = step, progress.samples_seen + window.num_loss_terms
+                    if progress.batches_into_epoch == len(train_loader):  # the window ended the epoch
+                        progress.epoch, progress.batches_into_epoch = epoch + 1, 0
                     log.advance()
                     if step % cfg.logging.every_n_steps == 0 or step == total_steps:
                         log.log(
@@ -148,13 +224,30 @@ def main(argv: list[str]) -> None:
                                 "samples_per_s": throughput.pop(),
                             },
                         )
-                    if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
+                    metrics = None
+                    if step < total_steps and (
+                        checkpoint_due(cfg, step, progress) or every(cfg.eval.every_n_steps, step)
+                    ):
                         with throughput.paused():  # evaluation time is not training throughput
                             metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
                         log.log(step, prefixed("eval", metrics))
+                    if stop or (step < total_steps and checkpoint_due(cfg, step, progress)):
+                        with throughput.paused():
+                            saved_to = save(metrics, "preempted" if stop else "periodic")
+                    if stop:
+                        resume = shlex.join(["accelerate", "launch", *sys.argv[:1], *argv, "train.resume_from=latest"])
+                        launcher = " (with the same launcher options)" if accelerator.num_processes > 1 else ""
+                        log.info(
+                            f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. "
+                            f"Resume with{launcher}:\n  {resume}"
+                        )
+                        log.close()
+                        accelerator.end_training()
+                        sys.exit(128 + flags.signal)
                     if step == total_steps:
                         break
         epoch += 1
+    flags.restore()
 
     # ---- evaluate and save
     run_stats = {
@@ -170,6 +263,16 @@ def main(argv: list[str]) -> None:
         scores = " ".join(f"{name}={metrics[name]:.4f}" for name in cfg.resolved_metrics())
         print(f"done: {output_dir / 'final'} {scores}")
     accelerator.end_training()
+
+
+def every(n: int | None, step: int) -> bool:
+    return bool(n) and step % n == 0
+
+
+def checkpoint_due(cfg: ClassifyConfig, step: int, progress: Progress) -> bool:
+    """A periodic checkpoint after this step: every N steps, or at an epoch's end."""
+    epoch_ended = progress.batches_into_epoch == 0  # set to 0 when a window ends the epoch
+    return every(cfg.checkpoint.every_n_steps, step) or (cfg.checkpoint.at_epoch_end and epoch_ended)
 
 
 def try_micro_batch(model, train_set, tokenizer, size: int) -> None:

@@ -106,15 +106,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
+def launch_command(
     script: Path,
     args: list[str],
     processes: int = 1,
     config_file: Path | None = None,
     launcher_args: tuple[str, ...] = (),
-    timeout: int = 600,
-) -> subprocess.CompletedProcess:
-    """Run `script` through `accelerate launch` on CPU, as a user would; returns the CompletedProcess.
+) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command (and its environment) that runs `script` on CPU, as a user would.
 
     Without `config_file`: one CPU process, or `processes` CPU processes on gloo (`--multi_gpu` with
     ACCELERATE_USE_CPU, the way that starts several). With `config_file` (DeepSpeed): its own settings.
@@ -131,6 +130,19 @@ def launch(
         env["ACCELERATE_USE_CPU"] = "true"
         launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, *launcher_args, str(script), *args]
+    return cmd, env
+
+
+def launch(
+    script: Path,
+    args: list[str],
+    processes: int = 1,
+    config_file: Path | None = None,
+    launcher_args: tuple[str, ...] = (),
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """Run `script` through `accelerate launch` (see `launch_command`) to the end; the CompletedProcess."""
+    cmd, env = launch_command(script, args, processes, config_file, launcher_args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

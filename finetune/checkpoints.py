@@ -1,0 +1,340 @@
+"""Checkpoints you can resume from exactly, and stop requests (SIGTERM, Ctrl-C) that end in one.
+
+A checkpoint is `<run>/checkpoints/step_NNNNNN/`:
+
+    state/          accelerator.save_state: model, optimizer, scheduler, grad scaler, every process's RNG
+    model/          save_pretrained weights (safetensors) + tokenizer: what finetune-eval scores
+    config.yaml     the resolved config of the run
+    progress.json   step, epoch, batches into the epoch, samples seen, batch geometry, eval metrics
+
+It is written into `.tmp-step_NNNNNN/` and renamed into place, progress.json last: a crash mid-save
+leaves a `.tmp-*` dir that nothing mistakes for a checkpoint. After each save the newest
+`checkpoint.keep_last` checkpoints are kept plus the best by `eval.metric_for_best` (`checkpoints/best`
+links to it).
+
+Exact resume needs the same data in the same order and the same dropout masks. The shuffle order is
+a function of (seed, epoch) alone (Accelerate's seedable sampler, or `LengthGroupedSampler`), so a
+resumed run skips the epoch's first batches. Dropout draws from the global torch RNG, which other
+code also draws from (creating a DataLoader iterator takes a base seed from it), so the training
+loop reseeds it at the start of every accumulation window from (seed, step): the masks then depend
+on nothing but the step, with or without an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from finetune.config import read_yaml, save_config
+from finetune.errors import UserError, first_line
+from finetune.metrics import LOWER_IS_BETTER
+from finetune.runs import replace_dir, write_json
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_DIR = "state"
+MODEL_DIR = "model"
+PROGRESS_FILE = "progress.json"
+BEST_LINK = "best"
+_NAME = re.compile(r"^step_(\d+)$")
+
+# Keys whose change makes a resumed run a different run than the one checkpointed.
+RUN_DEFINING_KEYS = (
+    "model.",
+    "data.",
+    "lora.",
+    "train.epochs",
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.global_batch_size",
+    "train.optimizer",
+    "train.lr",
+    "train.weight_decay",
+    "train.lr_scheduler",
+    "train.warmup_steps",
+    "train.max_grad_norm",
+    "train.mixed_precision",
+    "train.seed",
+)
+
+
+@dataclass
+class Progress:
+    """Where training stands after an optimizer step: enough to continue with the very next batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_into_epoch: int = 0  # micro-batches of `epoch` already trained on, per process
+    samples_seen: int = 0  # over all processes
+    num_processes: int = 1
+    micro_batch_size: int = 0
+    accumulation_steps: int = 1
+    metrics: dict | None = None  # eval metrics at `step`, if evaluated
+    reason: str = "periodic"  # periodic | epoch_end | preempted
+    extra: dict = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def seed_window(seed: int, step: int) -> None:
+    """Seed every RNG from (seed, step): the dropout masks of the window after `step` depend on nothing else."""
+    set_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None if it is."""
+    progress_file = path / PROGRESS_FILE
+    if not progress_file.is_file():
+        return f"no {PROGRESS_FILE} (the save did not finish)"
+    try:
+        progress = read_progress(path)
+    except (ValueError, TypeError) as err:
+        return f"unreadable {PROGRESS_FILE} ({err})"
+    missing = [f"{STATE_DIR}/random_states_{i}.pkl" for i in range(progress.num_processes)]
+    missing = [name for name in missing if not (path / name).is_file()]
+    if not (path / MODEL_DIR / "config.json").is_file():
+        missing.append(f"{MODEL_DIR}/config.json")
+    if not (path / "config.yaml").is_file():
+        missing.append("config.yaml")
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def read_progress(path: Path) -> Progress:
+    raw = json.loads((path / PROGRESS_FILE).read_text())
+    known = {f.name for f in fields(Progress)}
+    return Progress(**{k: v for k, v in raw.items() if k in known})
+
+
+def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; incomplete ones are skipped with a warning."""
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            found.append((int(match.group(1)), path))
+        elif warn:
+            warnings.warn(f"ignoring checkpoint {path}: {problem}", stacklevel=2)
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint dir `train.resume_from` names; None = start fresh (also `latest` with none saved yet)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        complete = list_checkpoints(run_dir)
+        return complete[-1] if complete else None
+    path = Path(resume_from)
+    if (path / CHECKPOINTS_DIR).is_dir() and not (path / PROGRESS_FILE).exists():  # a run dir: its newest
+        complete = list_checkpoints(path)
+        if not complete:
+            raise UserError(f"train.resume_from={resume_from}: this run dir holds no complete checkpoint.")
+        return complete[-1]
+    if not path.is_dir():
+        raise UserError(f"train.resume_from={resume_from}: no such checkpoint dir; give latest or a step_N dir.")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"train.resume_from={resume_from} is not a complete checkpoint: {problem}.")
+    return path
+
+
+def config_changes(checkpoint: Path, current: dict) -> list[str]:
+    """Run-defining keys whose value differs between the checkpoint's config and `current` (a config dict)."""
+    saved = _flatten(read_yaml(checkpoint / "config.yaml"))
+    now = _flatten(current)
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith(RUN_DEFINING_KEYS) and saved.get(key) != now.get(key):
+            changed.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return changed
+
+
+def geometry_changes(progress: Progress, num_processes: int, micro_batch_size: int, accumulation_steps: int):
+    pairs = {
+        "processes": (progress.num_processes, num_processes),
+        "micro-batch size": (progress.micro_batch_size, micro_batch_size),
+        "accumulation steps": (progress.accumulation_steps, accumulation_steps),
+    }
+    return [f"{name}: {old} -> {new}" for name, (old, new) in pairs.items() if old != new]
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def refuse_changes(changes: list[str], checkpoint: Path) -> None:
+    if changes:
+        raise UserError(
+            f"resuming from {checkpoint} with a different run: "
+            + "; ".join(changes)
+            + ". Resume with the checkpoint's settings, start a new run in another output.dir, "
+            "or set train.resume_allow_changes=true to resume anyway."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, pruning, loading
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    progress: Progress,
+    cfg,
+    write_model,
+    keep_last: int,
+    metric_for_best: str,
+) -> Path:
+    """Write a checkpoint atomically (every process calls this); prune old ones; point `best` at the best.
+
+    `write_model(dir)` writes the scoreable model (a collective under ZeRO-3/FSDP: called on every process).
+    """
+    target = run_dir / CHECKPOINTS_DIR / checkpoint_name(progress.step)
+    tmp = target.with_name(f".tmp-{target.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_DIR).mkdir(parents=True)  # before any process writes its RNG state into it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / STATE_DIR))
+    write_model(tmp / MODEL_DIR)
+    if accelerator.is_main_process:
+        save_config(cfg, tmp / "config.yaml")
+        write_json(tmp / PROGRESS_FILE, asdict(progress))  # last: marks the checkpoint complete
+        replace_dir(tmp, target)
+        prune(run_dir, keep_last, metric_for_best)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def metric_value(path: Path, metric: str) -> float | None:
+    """The checkpoint's `metric`, or None if it was not evaluated or the value is not finite."""
+    value = (read_progress(path).metrics or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def best_checkpoint(checkpoints: list[Path], metric: str) -> Path | None:
+    scored = [(value, path) for path in checkpoints if (value := metric_value(path, metric)) is not None]
+    if not scored:
+        return None
+    pick = min if metric in LOWER_IS_BETTER else max
+    # Ties go to the earlier checkpoint, as Trainer's best-model tracking does.
+    return pick(scored, key=lambda item: item[0])[1]
+
+
+def prune(run_dir: Path, keep_last: int, metric: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the best; (re)point `checkpoints/best`."""
+    root = run_dir / CHECKPOINTS_DIR
+    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".tmp-delete-*")]:  # from a run killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
+    checkpoints = list_checkpoints(run_dir, warn=False)
+    best = best_checkpoint(checkpoints, metric)
+    keep = set(checkpoints[-keep_last:]) | ({best} if best else set())
+    for path in checkpoints:
+        if path not in keep:
+            doomed = path.with_name(f".tmp-delete-{path.name}")  # never a half-deleted dir that looks complete
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+    link = root / BEST_LINK
+    if best is None:
+        link.unlink(missing_ok=True)
+        return
+    tmp_link = link.with_name(f".tmp-{BEST_LINK}")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(best.name, target_is_directory=True)
+    tmp_link.replace(link)  # atomic: `best` always names a complete checkpoint
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Progress:
+    """Restore model, optimizer, scheduler, scaler and RNG states (every process); return where training stood."""
+    try:
+        accelerator.load_state(str(checkpoint / STATE_DIR))
+    except Exception as err:  # torch, safetensors and Accelerate raise many types for a damaged file
+        raise UserError(
+            f"could not load checkpoint {checkpoint}: {first_line(err)}. "
+            "Resume from another one: train.resume_from=<run>/checkpoints/step_N."
+        ) from None
+    return read_progress(checkpoint)
+
+
+def trim_metrics_log(path: Path, step: int) -> None:
+    """Drop log records after `step` (written by the interrupted run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Stop requests and non-finite losses
+# --------------------------------------------------------------------------------------------
+
+
+class StepFlags:
+    """SIGTERM and Ctrl-C (SIGINT) ask the run to stop after the current optimizer step.
+
+    `exchange` is called once per optimizer step on every process: one small all-reduce tells all of
+    them whether any process saw a non-finite loss in the window or received a stop signal, so that
+    they skip, stop or save together. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signum
+
+    def exchange(self, accelerator: Accelerator, window_finite: torch.Tensor) -> tuple[bool, bool]:
+        """(any process saw a non-finite loss, any process was asked to stop)."""
+        flags = torch.stack([(~window_finite).to(torch.float32), torch.tensor(float(self.signal is not None))])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum")
+        nonfinite, stop = (bool(x) for x in flags.cpu().tolist())
+        if stop and self.signal is None:
+            self.signal = signal.SIGTERM  # another process received it
+        return nonfinite, stop
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""

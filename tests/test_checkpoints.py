@@ -1,0 +1,307 @@
+"""Checkpoints: atomic saves, keep-last/best, `latest`, refusing to lose work, and exact resume after
+kill -9 and SIGTERM through `accelerate launch` (1 and 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import CLASSIFY, REPO, launch, launch_command, read_jsonl
+from safetensors.torch import load_file
+
+from finetune.checkpoints import (
+    BEST_LINK,
+    CHECKPOINTS_DIR,
+    PROGRESS_FILE,
+    config_changes,
+    list_checkpoints,
+    prune,
+    resolve_resume,
+    trim_metrics_log,
+)
+from finetune.errors import UserError
+from finetune.runs import check_output_dir
+
+# --------------------------------------------------------------------------------------------
+# Unit: finding, pruning, comparing
+# --------------------------------------------------------------------------------------------
+
+
+def fake_checkpoint(run: Path, step: int, metrics: dict | None = None, processes: int = 1, seed: int = 42) -> Path:
+    path = run / CHECKPOINTS_DIR / f"step_{step:06d}"
+    (path / "state").mkdir(parents=True)
+    (path / "model").mkdir()
+    (path / "model" / "config.json").write_text("{}")
+    for rank in range(processes):
+        (path / "state" / f"random_states_{rank}.pkl").write_bytes(b"")
+    (path / "config.yaml").write_text(f"train:\n  seed: {seed}\n  lr: 0.001\neval:\n  batch_size: 8\n")
+    progress = {"step": step, "epoch": 0, "batches_into_epoch": step, "num_processes": processes, "metrics": metrics}
+    (path / PROGRESS_FILE).write_text(json.dumps(progress))
+    return path
+
+
+def names(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+def test_list_checkpoints_orders_by_step_and_skips_incomplete_with_a_warning(tmp_path: Path):
+    for step in (100, 20, 3):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / CHECKPOINTS_DIR / ".tmp-step_000200").mkdir()  # a save in progress, or killed mid-save
+    unfinished = fake_checkpoint(tmp_path, 150)
+    (unfinished / PROGRESS_FILE).unlink()
+    corrupt = fake_checkpoint(tmp_path, 160)
+    (corrupt / PROGRESS_FILE).write_text('{"step": 1')
+    two_process = fake_checkpoint(tmp_path, 170, processes=2)
+    (two_process / "state" / "random_states_1.pkl").unlink()
+    with pytest.warns(UserWarning) as caught:
+        found = list_checkpoints(tmp_path)
+    assert names(found) == ["step_000003", "step_000020", "step_000100"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "step_000150" in messages and "did not finish" in messages
+    assert "step_000160" in messages and "unreadable" in messages
+    assert "step_000170" in messages and "random_states_1.pkl" in messages
+    assert ".tmp" not in messages
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path: Path):
+    assert resolve_resume("latest", tmp_path) is None  # nothing saved yet: a fresh start
+    assert resolve_resume(None, tmp_path) is None
+    fake_checkpoint(tmp_path, 10)
+    newest_complete = fake_checkpoint(tmp_path, 20)
+    broken = fake_checkpoint(tmp_path, 30)
+    (broken / "model" / "config.json").unlink()
+    with pytest.warns(UserWarning, match="step_000030"):
+        assert resolve_resume("latest", tmp_path) == newest_complete
+    with pytest.warns(UserWarning):
+        assert resolve_resume(str(tmp_path), tmp_path) == newest_complete  # a run dir: its newest
+    with pytest.raises(UserError, match="not a complete checkpoint: missing model/config.json"):
+        resolve_resume(str(broken), tmp_path)
+    with pytest.raises(UserError, match="no such checkpoint"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_prune_keeps_the_last_k_and_the_best(tmp_path: Path):
+    accuracies = {10: 0.5, 20: 0.9, 30: 0.7, 40: 0.8, 50: float("nan"), 60: None}
+    for step, accuracy in accuracies.items():
+        fake_checkpoint(tmp_path, step, None if accuracy is None else {"accuracy": accuracy, "loss": step / 100})
+    (tmp_path / CHECKPOINTS_DIR / ".tmp-step_000070").mkdir()  # left by a run killed mid-save
+    prune(tmp_path, keep_last=2, metric="accuracy")
+    assert names(list_checkpoints(tmp_path)) == ["step_000020", "step_000050", "step_000060"]
+    link = tmp_path / CHECKPOINTS_DIR / BEST_LINK
+    assert link.resolve().name == "step_000020"
+    assert not (tmp_path / CHECKPOINTS_DIR / ".tmp-step_000070").exists()
+    prune(tmp_path, keep_last=1, metric="loss")  # lower is better; NaN never best
+    assert names(list_checkpoints(tmp_path)) == ["step_000020", "step_000060"]
+    assert link.resolve().name == "step_000020"
+
+
+def test_a_nan_metric_never_becomes_best(tmp_path: Path):
+    fake_checkpoint(tmp_path, 10, {"loss": float("nan")})
+    fake_checkpoint(tmp_path, 20, {"loss": math.inf})
+    prune(tmp_path, keep_last=5, metric="loss")
+    assert not (tmp_path / CHECKPOINTS_DIR / BEST_LINK).exists()
+    fake_checkpoint(tmp_path, 30, {"loss": 2.0})
+    prune(tmp_path, keep_last=5, metric="loss")
+    assert (tmp_path / CHECKPOINTS_DIR / BEST_LINK).resolve().name == "step_000030"
+
+
+def test_config_changes_name_only_run_defining_keys(tmp_path: Path):
+    checkpoint = fake_checkpoint(tmp_path, 10)
+    same = {"train": {"seed": 42, "lr": 0.001}, "eval": {"batch_size": 64}, "output": {"dir": "elsewhere"}}
+    assert config_changes(checkpoint, same) == []
+    changed = config_changes(checkpoint, {"train": {"seed": 1, "lr": 0.001}, "eval": {"batch_size": 8}})
+    assert changed == ["train.seed: 42 -> 1"]
+
+
+def test_trim_metrics_log_drops_records_after_the_checkpoint(tmp_path: Path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15, 20)))
+    trim_metrics_log(log, 10)
+    assert [r["step"] for r in read_jsonl(log)] == [5, 10]
+
+
+def test_output_dir_holding_a_run_is_refused_unless_resuming_or_overwriting(tmp_path: Path):
+    fake_checkpoint(tmp_path, 10)
+    with pytest.raises(UserError, match="train.resume_from=latest"):
+        check_output_dir(tmp_path, overwrite=False)
+    check_output_dir(tmp_path, overwrite=False, resuming=True)
+    check_output_dir(tmp_path, overwrite=True)
+    (tmp_path / "final").mkdir()
+    with pytest.raises(UserError, match="a finished run"):
+        check_output_dir(tmp_path, overwrite=False, fresh_if_unfinished=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the recipe: kill -9, SIGTERM, resume bitwise
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_EVERY = 10
+
+
+def run_args(tiny_bert: Path, toy_data: dict, output_dir: Path, *extra: str) -> list[str]:
+    """30 optimizer steps per epoch (240 examples, micro-batch 4 x accumulation 2), dropout on."""
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.train={toy_data['train']}",
+        f"data.validation={toy_data['validation']}",
+        "data.max_length=32",
+        "train.epochs=5",
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=2",
+        "train.lr=3e-3",
+        "train.warmup_steps=3",
+        "eval.batch_size=8",
+        f"checkpoint.every_n_steps={CHECKPOINT_EVERY}",
+        "checkpoint.keep_last=2",
+        "logging.every_n_steps=1",
+        "logging.progress_bar=never",
+        f"output.dir={output_dir}",
+        *extra,
+    ]
+
+
+def run_to_end(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    result = launch(CLASSIFY, args, processes=processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def interrupt(args: list[str], processes: int, sig: int, after_step: int, output_dir: Path) -> tuple[str, int]:
+    """Start a run; once it has logged `after_step` (past a checkpoint, most likely inside an
+    accumulation window), send `sig` to the launcher and every process it started, as a scheduler
+    would. Returns (stdout, steps logged before the run ended)."""
+    cmd, env = launch_command(CLASSIFY, args, processes)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and any(r.get("step", 0) >= after_step for r in read_jsonl(log))):
+        assert proc.poll() is None, f"the run ended before step {after_step}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    tree = [proc_ := psutil.Process(proc.pid), *proc_.children(recursive=True)]
+    for process in tree:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=120)
+    stdout = proc.communicate(timeout=120)[0]
+    return stdout, max(r["step"] for r in read_jsonl(log))
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    a, b = load_file(run_a / "final" / "model.safetensors"), load_file(run_b / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [name for name in a if not (a[name] == b[name]).all()]
+    assert not different, f"not bitwise equal: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_bert, toy_data, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_to_end(run_args(tiny_bert, toy_data, output_dir))
+    return output_dir
+
+
+@pytest.mark.recipe
+def test_checkpoints_keep_the_last_two_and_the_best(reference_run: Path):
+    kept = list_checkpoints(reference_run)
+    assert names(kept)[-2:] == ["step_000130", "step_000140"]  # 150 steps; none after the last (final/ is)
+    best = (reference_run / CHECKPOINTS_DIR / BEST_LINK).resolve()
+    progress = {p.name: json.loads((p / PROGRESS_FILE).read_text()) for p in kept}
+    best_accuracy = max(p["metrics"]["accuracy"] for p in progress.values())
+    assert progress[best.name]["metrics"]["accuracy"] == best_accuracy
+    assert len(kept) == 2 + (best.name not in names(kept)[-2:])
+    evaluated = [r["step"] for r in read_jsonl(reference_run / "metrics.jsonl") if "eval_accuracy" in r]
+    assert evaluated == [*range(CHECKPOINT_EVERY, 150, CHECKPOINT_EVERY), 150]  # every checkpoint is scored
+    state = {p.name for p in (kept[-1] / "state").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= state
+    assert (kept[-1] / "model" / "model.safetensors").is_file()  # what finetune-eval scores
+
+
+@pytest.mark.recipe
+def test_kill_9_then_resume_equals_an_uninterrupted_run(reference_run, tiny_bert, toy_data, tmp_path):
+    output_dir = tmp_path / "run"
+    args = run_args(tiny_bert, toy_data, output_dir)
+    _, last_logged = interrupt(args, 1, signal.SIGKILL, after_step=4 * CHECKPOINT_EVERY + 3, output_dir=output_dir)
+    assert not (output_dir / "final").exists() and last_logged < 150
+    # A checkpoint dir whose save never finished must be passed over by `latest`.
+    broken = output_dir / CHECKPOINTS_DIR / "step_000999"
+    broken.mkdir()
+    (broken / PROGRESS_FILE).write_text('{"step": 9')
+    refused = launch(CLASSIFY, args)
+    assert refused.returncode != 0 and "train.resume_from=latest" in refused.stderr
+    resumed = run_to_end([*args, "train.resume_from=latest"])
+    assert "ignoring checkpoint" in resumed.stderr and "step_000999" in resumed.stderr
+    resumed_at = int(re.search(r"resumed from \S+step_(\d+)", resumed.stdout).group(1))
+    assert 4 * CHECKPOINT_EVERY <= resumed_at <= last_logged and resumed_at % CHECKPOINT_EVERY == 0
+    assert_same_weights(reference_run, output_dir)
+    steps = [r["step"] for r in read_jsonl(output_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 151)), "the log keeps no record from after the checkpoint that was redone"
+
+
+@pytest.mark.recipe
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(reference_run, tiny_bert, toy_data, tmp_path):
+    output_dir = tmp_path / "run"
+    args = run_args(tiny_bert, toy_data, output_dir)
+    stdout, last_logged = interrupt(args, 1, signal.SIGTERM, after_step=25, output_dir=output_dir)
+    assert f"stopped by SIGTERM after step {last_logged}" in stdout
+    assert "train.resume_from=latest" in stdout.split("stopped by SIGTERM")[1]
+    saved = output_dir / CHECKPOINTS_DIR / f"step_{last_logged:06d}"
+    assert json.loads((saved / PROGRESS_FILE).read_text())["reason"] == "preempted"
+    run_to_end([*args, "train.resume_from=latest"])
+    assert_same_weights(reference_run, output_dir)
+
+
+@pytest.mark.recipe
+def test_resume_refuses_a_changed_run_and_a_damaged_checkpoint(reference_run, tmp_path):
+    output_dir = tmp_path / "new"
+    same_config = ["--config", str(reference_run / "config.yaml"), f"output.dir={output_dir}"]
+    checkpoint = list_checkpoints(reference_run)[-1]
+    changed = launch(CLASSIFY, [*same_config, f"train.resume_from={checkpoint}", "train.seed=7"])
+    assert changed.returncode != 0
+    assert "train.seed: 42 -> 7" in changed.stderr and "train.resume_allow_changes=true" in changed.stderr
+    assert not output_dir.exists(), "nothing is written before the checks pass"
+
+    damaged = shutil.copytree(checkpoint, tmp_path / "damaged" / checkpoint.name)
+    weights = damaged / "state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = launch(CLASSIFY, [*same_config, f"train.resume_from={damaged}"])
+    assert result.returncode != 0
+    assert f"could not load checkpoint {damaged}" in result.stderr
+    assert not (output_dir / "final").exists()
+
+
+@pytest.mark.recipe
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(tiny_bert, toy_data, tmp_path):
+    output_dir = tmp_path / "run"
+    args = run_args(tiny_bert, toy_data, output_dir, "train.optimizer=sgd", "train.lr=1e30", "train.max_grad_norm=null")
+    result = launch(CLASSIFY, args)
+    assert result.returncode != 0
+    assert "not finite" in result.stderr and "at optimizer step" in result.stderr
+    assert "train.on_nonfinite_loss=skip" in result.stderr
+    assert not (output_dir / "final").exists()
+    assert not list_checkpoints(output_dir, warn=False), "a NaN run never leaves a checkpoint behind"
+
+
+@pytest.mark.recipe
+@pytest.mark.multiprocess
+def test_kill_9_then_resume_with_two_processes(tiny_bert, toy_data, tmp_path):
+    plain_order = "data.group_by_length=false"  # the other sampler: Accelerate's seedable random sampler
+    reference = tmp_path / "reference"
+    run_to_end(run_args(tiny_bert, toy_data, reference, plain_order, "train.epochs=2"), processes=2)
+    output_dir = tmp_path / "run"
+    args = run_args(tiny_bert, toy_data, output_dir, plain_order, "train.epochs=2")
+    interrupt(args, 2, signal.SIGKILL, after_step=2 * CHECKPOINT_EVERY + 5, output_dir=output_dir)
+    assert not (output_dir / "final").exists()
+    run_to_end([*args, "train.resume_from=latest"], processes=2)
+    assert_same_weights(reference, output_dir)
