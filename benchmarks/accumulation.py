@@ -179,6 +179,7 @@ def run_recipe(train_tsv: Path, val_tsv: Path, micro: int, accumulation: int, gr
         "train.max_grad_norm=1.0",
         f"train.seed={SEED}",
         "eval.every_n_steps=null",
+        "checkpoint.every_n_steps=null",
         "logging.every_n_steps=1000",
         "logging.progress_bar=never",
         f"output.dir={out}",

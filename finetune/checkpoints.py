@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import signal
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,7 @@ class Progress:
     micro_batch_size: int = 0
     accumulation_steps: int = 1
     metrics: dict | None = None  # eval metrics at `step`, if evaluated
-    reason: str = "periodic"  # periodic | epoch_end | preempted
-    extra: dict = field(default_factory=dict)
+    reason: str = "periodic"  # periodic | preempted
 
 
 def checkpoint_name(step: int) -> str:
@@ -287,6 +287,30 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Progress:
     return read_progress(checkpoint)
 
 
+def resume(accelerator: Accelerator, checkpoint: Path, now: Progress, allow_changes: bool) -> Progress:
+    """Load `checkpoint` into the prepared objects; `now` (this launch's geometry) continued from its position."""
+    saved = load_checkpoint(accelerator, checkpoint)
+    if not allow_changes:
+        refuse_changes(
+            geometry_changes(saved, now.num_processes, now.micro_batch_size, now.accumulation_steps), checkpoint
+        )
+    return replace(
+        now,
+        step=saved.step,
+        epoch=saved.epoch,
+        batches_into_epoch=saved.batches_into_epoch,
+        samples_seen=saved.samples_seen,
+    )
+
+
+def resume_command(script: str, argv: list[str], num_processes: int) -> str:
+    """What to run to continue: the same command with train.resume_from=latest."""
+    args = [a for a in argv if not a.startswith("train.resume_from=")]
+    command = shlex.join(["accelerate", "launch", script, *args, "train.resume_from=latest"])
+    launcher = " (with the same launcher options)" if num_processes > 1 else ""
+    return f"Resume with{launcher}:\n  {command}"
+
+
 def trim_metrics_log(path: Path, step: int) -> None:
     """Drop log records after `step` (written by the interrupted run after its last checkpoint)."""
     if not path.is_file():
@@ -323,9 +347,10 @@ class StepFlags:
 
     def exchange(self, accelerator: Accelerator, window_finite: torch.Tensor) -> tuple[bool, bool]:
         """(any process saw a non-finite loss, any process was asked to stop)."""
-        flags = torch.stack([(~window_finite).to(torch.float32), torch.tensor(float(self.signal is not None))])
+        asked = torch.tensor(float(self.signal is not None), device=window_finite.device)
+        flags = torch.stack([(~window_finite).to(torch.float32), asked])
         if accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum")
+            flags = accelerator.reduce(flags, reduction="sum")
         nonfinite, stop = (bool(x) for x in flags.cpu().tolist())
         if stop and self.signal is None:
             self.signal = signal.SIGTERM  # another process received it

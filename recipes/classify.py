@@ -9,7 +9,6 @@ How it runs (CPU, GPUs, DeepSpeed, FSDP, several machines) is the launcher's bus
 
 from __future__ import annotations
 
-import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +23,11 @@ from finetune.checkpoints import (
     Progress,
     StepFlags,
     config_changes,
-    geometry_changes,
-    load_checkpoint,
     read_progress,
     refuse_changes,
     resolve_resume,
+    resume,
+    resume_command,
     save_checkpoint,
     seed_window,
     trim_metrics_log,
@@ -143,19 +142,15 @@ def main(argv: list[str]) -> None:
         f"{geometry.describe()}; {total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
     )
 
-    # ---- resume
+    # ---- resume: weights, optimizer, scheduler, RNG; where in the data to continue
     progress = Progress(
         num_processes=accelerator.num_processes, micro_batch_size=geometry.micro_batch_size, accumulation_steps=k
     )
     if resume_dir is not None:
-        saved = load_checkpoint(accelerator, resume_dir)
-        if not cfg.train.resume_allow_changes:
-            refuse_changes(geometry_changes(saved, progress.num_processes, progress.micro_batch_size, k), resume_dir)
-        progress.step, progress.epoch = saved.step, saved.epoch
-        progress.batches_into_epoch, progress.samples_seen = saved.batches_into_epoch, saved.samples_seen
+        progress = resume(accelerator, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
         log.info(
-            f"resumed from {resume_dir}: step {saved.step}, epoch {saved.epoch}, "
-            f"{saved.batches_into_epoch} batches into it"
+            f"resumed from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
+            f"{progress.batches_into_epoch} batches into it"
         )
 
     def save(metrics: dict | None, reason: str) -> Path:
@@ -182,12 +177,12 @@ def main(argv: list[str]) -> None:
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         # Dropout masks from (seed, step) alone, so that a resumed run draws the same ones (see finetune.checkpoints).
         reseed = lambda window: seed_window(cfg.train.seed, progress.step)  # noqa: E731
-        window_finite = torch.tensor(True)
+        window_finite = torch.tensor(True, device=accelerator.device)
         for batch, window in accumulation_windows(accelerator, batches, count_label_terms, on_window=reseed):
             with accelerator.accumulate(model):
                 labels = batch.pop("labels")
                 summed_loss = summed_classification_loss(model(**batch).logits, labels)
-                window_finite &= torch.isfinite(summed_loss.detach()).cpu()
+                window_finite &= torch.isfinite(summed_loss.detach())  # no device sync until the step
                 accelerator.backward(window.normalise(summed_loss))
                 loss_meter.add(summed_loss, window)
                 throughput.add(len(labels) * accelerator.num_processes)
@@ -195,7 +190,7 @@ def main(argv: list[str]) -> None:
                 if accelerator.sync_gradients:  # the window's last micro-batch: one optimizer step
                     nonfinite, stop = flags.exchange(accelerator, window_finite)
                     stop = stop and step + 1 < total_steps  # on the last step, finishing is the quickest way out
-                    window_finite = torch.tensor(True)
+                    window_finite.fill_(True)
                     if nonfinite and cfg.train.on_nonfinite_loss == "stop":
                         raise UserError(
                             f"the training loss is not finite (NaN or inf) at optimizer step {step + 1} "
@@ -235,12 +230,8 @@ def main(argv: list[str]) -> None:
                         with throughput.paused():
                             saved_to = save(metrics, "preempted" if stop else "periodic")
                     if stop:
-                        resume = shlex.join(["accelerate", "launch", *sys.argv[:1], *argv, "train.resume_from=latest"])
-                        launcher = " (with the same launcher options)" if accelerator.num_processes > 1 else ""
-                        log.info(
-                            f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. "
-                            f"Resume with{launcher}:\n  {resume}"
-                        )
+                        command = resume_command(sys.argv[0], argv, accelerator.num_processes)
+                        log.info(f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. {command}")
                         log.close()
                         accelerator.end_training()
                         sys.exit(128 + flags.signal)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import CLASSIFY, REPO, launch, launch_command, read_jsonl
 from safetensors.torch import load_file
 
@@ -138,6 +139,34 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_or_overwriting(tmp_
     (tmp_path / "final").mkdir()
     with pytest.raises(UserError, match="a finished run"):
         check_output_dir(tmp_path, overwrite=False, fresh_if_unfinished=True)
+
+
+def test_state_round_trip_reads_torch_files_with_weights_only(tmp_path: Path, monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    accelerator.save_state(str(tmp_path))
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("pytorch_model*"))
+    saved = {name: t.clone() for name, t in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.zero_()
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    accelerator.load_state(str(tmp_path))
+    assert calls and all(flag is True for flag in calls), calls  # optimizer, scheduler, RNG states
+    assert all(torch.equal(saved[name], t) for name, t in model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +320,17 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(tiny_bert, toy_data, tmp
     assert "train.on_nonfinite_loss=skip" in result.stderr
     assert not (output_dir / "final").exists()
     assert not list_checkpoints(output_dir, warn=False), "a NaN run never leaves a checkpoint behind"
+
+
+@pytest.mark.recipe
+def test_skip_mode_drops_nonfinite_steps_and_finishes(tiny_bert, toy_data, tmp_path):
+    output_dir = tmp_path / "run"
+    diverging = ["train.optimizer=sgd", "train.lr=1e30", "train.max_grad_norm=null", "train.epochs=1"]
+    result = launch(CLASSIFY, run_args(tiny_bert, toy_data, output_dir, *diverging, "train.on_nonfinite_loss=skip"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the loss is not finite; update skipped" in result.stdout
+    weights = load_file(output_dir / "final" / "model.safetensors")
+    assert all(t.isfinite().all() for t in weights.values()), "a skipped step never applies its update"
 
 
 @pytest.mark.recipe

@@ -15,7 +15,7 @@ from finetune.launch import check_mixed_precision, reconcile_deepspeed
 from finetune.modeling import check_max_length, load_classifier, load_model_config, load_tokenizer, model_source
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ModelConfig, TrainConfig
-from finetune.runs import atomic_dir, check_output_dir, clear_previous_run, write_json
+from finetune.runs import check_output_dir, clear_previous_run, replace_dir, write_json
 
 
 def train_config(**values) -> TrainConfig:
@@ -95,17 +95,17 @@ def test_clear_previous_run_removes_only_run_files(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
-def test_atomic_dir_replaces_only_on_success(tmp_path: Path):
+def test_replace_dir_swaps_in_a_finished_dir(tmp_path: Path):
     target = tmp_path / "final"
-    with atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("first")
+    first = tmp_path / ".tmp-final"
+    first.mkdir()
+    (first / "a.txt").write_text("first")
+    replace_dir(first, target)
     assert (target / "a.txt").read_text() == "first"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("half")
-        raise RuntimeError("crash while saving")
-    assert (target / "a.txt").read_text() == "first"  # the old complete copy survives
-    with atomic_dir(target) as tmp:
-        (tmp / "b.txt").write_text("second")
+    second = tmp_path / ".tmp-final"
+    second.mkdir()
+    (second / "b.txt").write_text("second")
+    replace_dir(second, target)
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary leftovers
     write_json(tmp_path / "r.json", {"a": 1})
