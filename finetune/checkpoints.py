@@ -46,6 +46,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"
 MODEL_DIR = "model"
 PROGRESS_FILE = "progress.json"
+# Accelerate's save_state skips an LR scheduler prepared on its own under DeepSpeed (it wraps it for the
+# engine but never hands it over, so neither saves it): its state then goes here, as JSON.
+SCHEDULER_FILE = "scheduler.json"
 BEST_LINK = "best"
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -209,6 +212,7 @@ def refuse_changes(changes: list[str], checkpoint: Path) -> None:
 
 def save_checkpoint(
     accelerator: Accelerator,
+    scheduler,
     run_dir: Path,
     progress: Progress,
     cfg,
@@ -229,6 +233,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp / STATE_DIR))
     write_model(tmp / MODEL_DIR)
     if accelerator.is_main_process:
+        if not (tmp / STATE_DIR / "scheduler.bin").exists():  # see SCHEDULER_FILE
+            write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         save_config(cfg, tmp / "config.yaml")
         write_json(tmp / PROGRESS_FILE, asdict(progress))  # last: marks the checkpoint complete
         replace_dir(tmp, target)
@@ -275,10 +281,12 @@ def prune(run_dir: Path, keep_last: int, metric: str) -> None:
     tmp_link.replace(link)  # atomic: `best` always names a complete checkpoint
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Progress:
+def load_checkpoint(accelerator: Accelerator, scheduler, checkpoint: Path) -> Progress:
     """Restore model, optimizer, scheduler, scaler and RNG states (every process); return where training stood."""
     try:
         accelerator.load_state(str(checkpoint / STATE_DIR))
+        if (checkpoint / SCHEDULER_FILE).is_file():
+            scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_FILE).read_text()))
     except Exception as err:  # torch, safetensors and Accelerate raise many types for a damaged file
         raise UserError(
             f"could not load checkpoint {checkpoint}: {first_line(err)}. "
@@ -287,9 +295,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Progress:
     return read_progress(checkpoint)
 
 
-def resume(accelerator: Accelerator, checkpoint: Path, now: Progress, allow_changes: bool) -> Progress:
+def resume(accelerator: Accelerator, scheduler, checkpoint: Path, now: Progress, allow_changes: bool) -> Progress:
     """Load `checkpoint` into the prepared objects; `now` (this launch's geometry) continued from its position."""
-    saved = load_checkpoint(accelerator, checkpoint)
+    saved = load_checkpoint(accelerator, scheduler, checkpoint)
     if not allow_changes:
         refuse_changes(
             geometry_changes(saved, now.num_processes, now.micro_batch_size, now.accumulation_steps), checkpoint

@@ -147,7 +147,7 @@ def main(argv: list[str]) -> None:
         num_processes=accelerator.num_processes, micro_batch_size=geometry.micro_batch_size, accumulation_steps=k
     )
     if resume_dir is not None:
-        progress = resume(accelerator, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
+        progress = resume(accelerator, scheduler, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
         log.info(
             f"resumed from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
             f"{progress.batches_into_epoch} batches into it"
@@ -156,6 +156,7 @@ def main(argv: list[str]) -> None:
     def save(metrics: dict | None, reason: str) -> Path:
         return save_checkpoint(
             accelerator,
+            scheduler,
             output_dir,
             replace(progress, metrics=metrics, reason=reason),
             cfg,

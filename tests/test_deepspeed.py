@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import deepspeed  # noqa: E402,F401  the test extra installs it; these tests must not skip
 import pytest
+import torch
 from conftest import CLASSIFY, REPO, launch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess
 
@@ -70,3 +73,22 @@ def test_deepspeed_setting_that_contradicts_the_recipe_is_refused(tiny_bert, toy
     assert "DeepSpeed `gradient_accumulation_steps` is 4, but the recipe gives 2" in result.stderr
     assert "DeepSpeed `train_batch_size`" not in result.stderr  # 'auto' values are filled, not reported
     assert not (tmp_path / "out").exists()
+
+
+def test_zero2_resumes_from_a_checkpoint_bitwise(tiny_bert, toy_data, tmp_path):
+    """Under DeepSpeed the engine saves model and optimizer; the LR scheduler is saved beside (see
+    finetune.checkpoints.SCHEDULER_FILE). A run resumed from its step-10 checkpoint ends bitwise equal."""
+    config = CONFIGS / "deepspeed_zero2.yaml"
+    checkpointing = ["train.epochs=2", "checkpoint.every_n_steps=10", "checkpoint.keep_last=5"]
+    full = tmp_path / "full"
+    result = launch(CLASSIFY, [*toy_args(tiny_bert, toy_data, full, 8), *checkpointing], config_file=config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_000010", resumed / "checkpoints" / "step_000010")
+    args = [*toy_args(tiny_bert, toy_data, resumed, 8), *checkpointing, "train.resume_from=latest"]
+    result = launch(CLASSIFY, args, config_file=config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
