@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,6 +256,24 @@ def test_checkpoints_keep_the_last_two_and_the_best(reference_run: Path):
     state = {p.name for p in (kept[-1] / "state").iterdir()}
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= state
     assert (kept[-1] / "model" / "model.safetensors").is_file()  # what finetune-eval scores
+
+
+@pytest.mark.recipe
+def test_finetune_eval_scores_each_checkpoint_as_training_evaluated_it(reference_run: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.scoring", str(reference_run)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    board = json.loads((reference_run / "eval" / "leaderboard.json").read_text())
+    kept = names(list_checkpoints(reference_run))
+    assert sorted(row["model"] for row in board) == sorted([*kept, "final"])
+    for row in board:
+        if row["model"] != "final":
+            at_step = json.loads((reference_run / CHECKPOINTS_DIR / row["model"] / PROGRESS_FILE).read_text())
+            assert row["accuracy"] == at_step["metrics"]["accuracy"]
+            assert row["loss"] == pytest.approx(at_step["metrics"]["loss"], rel=1e-5)
+    best_row = next(row for row in board if row["best"])
+    assert best_row["accuracy"] == max(row["accuracy"] for row in board)
 
 
 @pytest.mark.recipe

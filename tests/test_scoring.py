@@ -26,7 +26,7 @@ def run_dir(tiny_bert, toy_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "run"
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    recipe_main()(toy_args(tiny_bert, toy_data, out))
+    recipe_main()(toy_args(tiny_bert, toy_data, out, "checkpoint.every_n_steps=null"))  # one made below
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     checkpoint = out / "checkpoints" / "step_000010" / "model"
