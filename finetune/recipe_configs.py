@@ -175,6 +175,11 @@ class ClassifyConfig:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append(f"data.label_names has duplicates: {self.data.label_names}")
+        if self.output.overwrite and self.train.resume_from is not None:
+            problems.append(
+                f"output.overwrite=true and train.resume_from={self.train.resume_from} contradict each other: "
+                "overwrite starts afresh, resume continues; set one of them"
+            )
         metrics = self.resolved_metrics()
         if self.eval.metric_for_best is not None and self.eval.metric_for_best not in [*metrics, "loss"]:
             problems.append(

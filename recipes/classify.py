@@ -63,7 +63,7 @@ def setup(argv: list[str]):
     cfg = load_config(ClassifyConfig, argv, DEFAULT_CONFIG, prog="recipes/classify.py")
     datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
     output_dir = Path(cfg.output.dir)
-    resume_dir = None if cfg.output.overwrite else resolve_resume(cfg.train.resume_from, output_dir)
+    resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
     check_output_dir(
         output_dir,
         cfg.output.overwrite,

@@ -181,3 +181,16 @@ def test_classify_cross_field_checks():
             ["train.warmup_steps=10.5", "data.text_pair_column=text", "data.label_names=[a,a]"],
         )
     assert len(err.value.problems) == 3
+
+
+def test_classify_checkpoint_and_metric_checks():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            ClassifyConfig,
+            ["output.overwrite=true", "train.resume_from=latest", "eval.metric_for_best=f1_weighted"],
+        )
+    problems = " ".join(err.value.problems)
+    assert "output.overwrite=true and train.resume_from=latest" in problems
+    assert "eval.metric_for_best='f1_weighted' must be one of eval.metrics ['accuracy', 'f1_macro']" in problems
+    regression = load_config(ClassifyConfig, ["data.task=regression"])
+    assert regression.resolved_metrics() == ["pearson", "spearman", "mse"] and regression.metric_for_best() == "pearson"
