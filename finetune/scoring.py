@@ -393,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         raise SystemExit(0 if argv else 2)
     datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()  # one bar per model loaded would drown the scores
     path, rest = Path(argv[0]), argv[1:]
+    if path.is_symlink():  # checkpoints/best: score (and name) the checkpoint it points to
+        path = path.resolve()
     models, run_dir = find_models(path)
     cfg = load_config_for(run_dir, parse_argv(rest).overrides)
     # The models of a run share one head: its task picks the default metrics and the leaderboard's.

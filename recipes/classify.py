@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import transformers
 from accelerate.utils import set_seed
 
 from finetune.accumulation import LossMeter, accumulation_windows, count_label_terms, summed_classification_loss
@@ -62,6 +63,7 @@ def setup(argv: list[str]):
     before any weights load."""
     cfg = load_config(ClassifyConfig, argv, DEFAULT_CONFIG, prog="recipes/classify.py")
     datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
+    transformers.logging.disable_progress_bar()  # bars per weight load/save would drown the log
     output_dir = Path(cfg.output.dir)
     resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
     check_output_dir(

@@ -274,6 +274,13 @@ def test_finetune_eval_scores_each_checkpoint_as_training_evaluated_it(reference
             assert row["loss"] == pytest.approx(at_step["metrics"]["loss"], rel=1e-5)
     best_row = next(row for row in board if row["best"])
     assert best_row["accuracy"] == max(row["accuracy"] for row in board)
+    best = reference_run / CHECKPOINTS_DIR / BEST_LINK
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.scoring", str(best)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads((best.resolve() / "eval" / "eval_results.json").read_text())
+    assert scored["step"] == int(best.resolve().name.split("_")[1])
 
 
 @pytest.mark.recipe
