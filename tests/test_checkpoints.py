@@ -305,12 +305,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference_run, tiny_bert
 
 
 @pytest.mark.recipe
-def test_sigterm_saves_a_checkpoint_that_resumes_exactly(reference_run, tiny_bert, toy_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_saves_a_checkpoint_that_resumes_exactly(sig, reference_run, tiny_bert, toy_data, tmp_path):
     output_dir = tmp_path / "run"
     args = run_args(tiny_bert, toy_data, output_dir)
-    stdout, last_logged = interrupt(args, 1, signal.SIGTERM, after_step=25, output_dir=output_dir)
-    assert f"stopped by SIGTERM after step {last_logged}" in stdout
-    assert "train.resume_from=latest" in stdout.split("stopped by SIGTERM")[1]
+    stdout, last_logged = interrupt(args, 1, sig, after_step=25, output_dir=output_dir)
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} after step {last_logged}" in stdout
+    assert "train.resume_from=latest" in stdout.split(f"stopped by {name}")[1]
     saved = output_dir / CHECKPOINTS_DIR / f"step_{last_logged:06d}"
     assert json.loads((saved / PROGRESS_FILE).read_text())["reason"] == "preempted"
     run_to_end([*args, "train.resume_from=latest"])
@@ -361,13 +363,23 @@ def test_skip_mode_drops_nonfinite_steps_and_finishes(tiny_bert, toy_data, tmp_p
 
 @pytest.mark.recipe
 @pytest.mark.multiprocess
-def test_kill_9_then_resume_with_two_processes(tiny_bert, toy_data, tmp_path):
-    plain_order = "data.group_by_length=false"  # the other sampler: Accelerate's seedable random sampler
+def test_kill_9_then_resume_with_two_processes_from_an_epoch_end_checkpoint(tiny_bert, toy_data, tmp_path):
+    """2 processes x micro-batch 4 x accumulation 2: 15 steps per epoch; checkpoints at epoch ends only."""
+    settings = [
+        "data.group_by_length=false",  # the other sampler: Accelerate's seedable random sampler
+        "train.epochs=3",
+        "checkpoint.every_n_steps=null",
+        "checkpoint.at_epoch_end=true",
+    ]
     reference = tmp_path / "reference"
-    run_to_end(run_args(tiny_bert, toy_data, reference, plain_order, "train.epochs=2"), processes=2)
+    run_to_end(run_args(tiny_bert, toy_data, reference, *settings), processes=2)
     output_dir = tmp_path / "run"
-    args = run_args(tiny_bert, toy_data, output_dir, plain_order, "train.epochs=2")
-    interrupt(args, 2, signal.SIGKILL, after_step=2 * CHECKPOINT_EVERY + 5, output_dir=output_dir)
+    args = run_args(tiny_bert, toy_data, output_dir, *settings)
+    interrupt(args, 2, signal.SIGKILL, after_step=20, output_dir=output_dir)
     assert not (output_dir / "final").exists()
+    latest = list_checkpoints(output_dir)[-1]
+    progress = json.loads((latest / PROGRESS_FILE).read_text())
+    assert progress["step"] in (15, 30) and progress["step"] < 45  # an epoch end, not the last step
+    assert (progress["epoch"], progress["batches_into_epoch"]) == (progress["step"] // 15, 0)
     run_to_end([*args, "train.resume_from=latest"], processes=2)
     assert_same_weights(reference, output_dir)
