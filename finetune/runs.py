@@ -35,6 +35,11 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool = False, 
     )
 
 
+def is_finished(output_dir: Path) -> bool:
+    """The run in `output_dir` saved its final model and results."""
+    return all((output_dir / name).exists() for name in FINISHED_MARKERS)
+
+
 def clear_previous_run(output_dir: Path) -> None:
     """Remove what an earlier run wrote (main process only, after `check_output_dir` allowed it)."""
     for name in RUN_ARTIFACTS:

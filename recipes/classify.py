@@ -52,7 +52,7 @@ from finetune.modeling import (
 )
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ClassifyConfig
-from finetune.runs import check_output_dir, clear_previous_run, write_json
+from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
 from finetune.tracking import RunLog, Throughput, memory_mb
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
@@ -65,6 +65,9 @@ def setup(argv: list[str]):
     datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
     transformers.logging.disable_progress_bar()  # bars per weight load/save would drown the log
     output_dir = Path(cfg.output.dir)
+    if cfg.train.resume_from == "latest" and is_finished(output_dir):  # e.g. a job requeued after it ended
+        print(f"{output_dir} holds a finished run: nothing to resume. Set output.overwrite=true to train again.")
+        sys.exit(0)
     resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
     check_output_dir(
         output_dir,

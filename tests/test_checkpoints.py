@@ -259,6 +259,16 @@ def test_checkpoints_keep_the_last_two_and_the_best(reference_run: Path):
 
 
 @pytest.mark.recipe
+def test_resume_latest_of_a_finished_run_does_nothing(reference_run: Path):
+    before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
+    config = ["--config", str(reference_run / "config.yaml"), "train.resume_from=latest"]
+    result = launch(CLASSIFY, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds a finished run: nothing to resume" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.recipe
 def test_finetune_eval_scores_each_checkpoint_as_training_evaluated_it(reference_run: Path):
     result = subprocess.run(
         [sys.executable, "-m", "finetune.scoring", str(reference_run)], cwd=REPO, capture_output=True, text=True
