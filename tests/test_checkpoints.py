@@ -393,3 +393,25 @@ def test_kill_9_then_resume_with_two_processes_from_an_epoch_end_checkpoint(tiny
     assert (progress["epoch"], progress["batches_into_epoch"]) == (progress["step"] // 15, 0)
     run_to_end([*args, "train.resume_from=latest"], processes=2)
     assert_same_weights(reference, output_dir)
+
+
+@pytest.mark.recipe
+def test_lora_run_resumes_bitwise_and_its_checkpoints_score(tiny_bert, toy_data, tmp_path):
+    """A LoRA checkpoint: full state in state/, the adapter (+ config.json) in model/ for finetune-eval."""
+    lora = ["lora.enabled=true", "train.epochs=2", "checkpoint.keep_last=5"]
+    full = tmp_path / "full"
+    run_to_end(run_args(tiny_bert, toy_data, full, *lora))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / CHECKPOINTS_DIR / "step_000020", resumed / CHECKPOINTS_DIR / "step_000020")
+    run_to_end([*run_args(tiny_bert, toy_data, resumed, *lora), "train.resume_from=latest"])
+    assert_same_weights(full, resumed)
+    checkpoint = full / CHECKPOINTS_DIR / "step_000020"
+    assert (checkpoint / "model" / "adapter_model.safetensors").is_file()
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.scoring", str(checkpoint)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads((checkpoint / "eval" / "eval_results.json").read_text())
+    at_step = json.loads((checkpoint / PROGRESS_FILE).read_text())["metrics"]
+    assert scored["accuracy"] == at_step["accuracy"]
+    assert scored["loss"] == pytest.approx(at_step["loss"], rel=1e-5)
