@@ -14,7 +14,7 @@ from datasets import ClassLabel, Dataset, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.paths import local_path, looks_like_path
 
 # File suffix -> (datasets builder, builder kwargs). TSV is read without quoting, as GLUE ships it.
@@ -53,7 +53,7 @@ def read_table(path: Path, key: str) -> Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # the parsers (pandas, pyarrow) raise many types for a bad file
-        raise UserError(f"{key}: could not read {path} as {suffix[1:]}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{key}: could not read {path} as {suffix[1:]}: {first_line(err)}") from None
 
 
 def read_hub(dataset_id: str, config_name: str | None, split: str, key: str) -> Dataset:
@@ -63,7 +63,7 @@ def read_hub(dataset_id: str, config_name: str | None, split: str, key: str) -> 
     except Exception as err:  # network, missing config or split: datasets raises many types
         what = f"{dataset_id!r}" + (f" (config {config_name!r})" if config_name else "") + f" split {split!r}"
         raise UserError(
-            f"{key}: could not load Hub dataset {what}: {str(err).splitlines()[0]}. "
+            f"{key}: could not load Hub dataset {what}: {first_line(err)}. "
             "Offline, only datasets already in the Hugging Face cache load; a local file or folder always does."
         ) from None
 

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 _CLASS_FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
 _FLOAT_FEATURES = datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")})
@@ -138,7 +138,7 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     except Exception as err:  # network, unknown name: evaluate raises many types
         raise UserError(
             f"unknown metric {name!r}: offline metrics are {', '.join(available_metrics())}. "
-            f"Other names are loaded from the Hugging Face Hub, which needs network ({str(err).splitlines()[0]})."
+            f"Other names are loaded from the Hugging Face Hub, which needs network ({first_line(err)})."
         ) from None
 
 

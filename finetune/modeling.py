@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.paths import local_path
 from finetune.runs import replace_dir
 
@@ -35,9 +35,8 @@ def _load(loader, cfg, what: str, **kwargs):
     try:
         return loader.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"model.name_or_path={cfg.name_or_path!r}: could not load the {what}: {first_line}. "
+            f"model.name_or_path={cfg.name_or_path!r}: could not load the {what}: {first_line(err)}. "
             "Give a local model dir, `package:<pkg>/<dir>`, or a Hub id (the Hub needs network; "
             "offline only cached models load)."
         ) from None

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune.config import COMMAND_LINE, build_config, option, parse_argv, read_yaml
 from finetune.data import load_classification_data, make_dataloader, read_source, regression_labels, tokenize
-from finetune.errors import UserError, exit_on_user_error
+from finetune.errors import UserError, exit_on_user_error, first_line
 from finetune.evaluation import Predictions, classification_metrics, predict
 from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names
 from finetune.modeling import head_config
@@ -228,7 +228,7 @@ def load_model(path: Path, head: dict):
         model.load_adapter(str(path))
         return tokenizer, model
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: could not load the model: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"{path}: could not load the model: {first_line(err)}") from None
 
 
 def load_examples(
