@@ -119,6 +119,11 @@ def available_metrics() -> list[str]:
     return [*CLASSIFICATION, *AVERAGED, *averaged, *REGRESSION]
 
 
+def default_metrics(regression: bool) -> list[str]:
+    """What training and finetune-eval report when eval.metrics is not set."""
+    return ["pearson", "spearman", "mse"] if regression else ["accuracy", "f1_macro"]
+
+
 def is_regression_metric(name: str) -> bool:
     return name in REGRESSION
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from finetune.config import option
+from finetune.metrics import default_metrics
 
 
 @dataclass
@@ -191,7 +192,7 @@ class ClassifyConfig:
         """eval.metrics, or the task's defaults."""
         if self.eval.metrics is not None:
             return list(self.eval.metrics)
-        return ["pearson", "spearman", "mse"] if self.data.task == "regression" else ["accuracy", "f1_macro"]
+        return default_metrics(regression=self.data.task == "regression")
 
     def metric_for_best(self) -> str:
         return self.eval.metric_for_best or self.resolved_metrics()[0]

@@ -34,14 +34,13 @@ from finetune.config import COMMAND_LINE, build_config, option, parse_argv, read
 from finetune.data import load_classification_data, make_dataloader, read_source, regression_labels, tokenize
 from finetune.errors import UserError, exit_on_user_error, first_line
 from finetune.evaluation import Predictions, classification_metrics, predict
-from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names
+from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
 from finetune.modeling import head_config
 from finetune.recipe_configs import DataConfig
 from finetune.runs import write_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-CLASSIFICATION_METRICS, REGRESSION_METRICS = ["accuracy", "f1_macro"], ["pearson", "spearman", "mse"]
 
 
 @dataclass
@@ -84,16 +83,12 @@ class ScoreConfig:
 
     def metrics_for(self, regression: bool) -> tuple[list[str], str]:
         """(metrics, metric for best) for a regression or classification model: eval.* or the task's defaults."""
-        metrics = self.eval.metrics if self.eval.metrics is not None else task_metrics(regression)
+        metrics = self.eval.metrics if self.eval.metrics is not None else default_metrics(regression)
         check_metric_names(metrics, regression)
         best = self.eval.metric_for_best or metrics[0]
         if best not in [*metrics, "loss"]:
             raise UserError(f"eval.metric_for_best={best!r} must be one of the metrics {metrics} or loss.")
         return metrics, best
-
-
-def task_metrics(regression: bool) -> list[str]:
-    return list(REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
 
 
 @dataclass
