@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import SCHEDULER_NAME, set_seed
 
-from finetune.config import read_yaml, save_config
+from finetune.config import flatten, read_yaml, save_config
 from finetune.errors import UserError, first_line
 from finetune.metrics import LOWER_IS_BETTER
 from finetune.runs import replace_dir, write_json
@@ -167,8 +167,8 @@ def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
 
 def config_changes(checkpoint: Path, current: dict) -> list[str]:
     """Run-defining keys whose value differs between the checkpoint's config and `current` (a config dict)."""
-    saved = _flatten(read_yaml(checkpoint / "config.yaml"))
-    now = _flatten(current)
+    saved = dict(flatten(read_yaml(checkpoint / "config.yaml")))
+    now = dict(flatten(current))
     changed = []
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RUN_DEFINING_KEYS) and saved.get(key) != now.get(key):
@@ -176,23 +176,14 @@ def config_changes(checkpoint: Path, current: dict) -> list[str]:
     return changed
 
 
-def geometry_changes(progress: Progress, num_processes: int, micro_batch_size: int, accumulation_steps: int):
+def geometry_changes(saved: Progress, now: Progress) -> list[str]:
+    """Batch geometry (processes, micro-batch, accumulation) that differs between two launches."""
     pairs = {
-        "processes": (progress.num_processes, num_processes),
-        "micro-batch size": (progress.micro_batch_size, micro_batch_size),
-        "accumulation steps": (progress.accumulation_steps, accumulation_steps),
+        "processes": (saved.num_processes, now.num_processes),
+        "micro-batch size": (saved.micro_batch_size, now.micro_batch_size),
+        "accumulation steps": (saved.accumulation_steps, now.accumulation_steps),
     }
     return [f"{name}: {old} -> {new}" for name, (old, new) in pairs.items() if old != new]
-
-
-def _flatten(mapping: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def refuse_changes(changes: list[str], checkpoint: Path) -> None:
@@ -233,7 +224,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp / STATE_DIR))
     write_model(tmp / MODEL_DIR)
     if accelerator.is_main_process:
-        if not (tmp / STATE_DIR / "scheduler.bin").exists():  # see SCHEDULER_FILE
+        if not (tmp / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
             write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         save_config(cfg, tmp / "config.yaml")
         write_json(tmp / PROGRESS_FILE, asdict(progress))  # last: marks the checkpoint complete
@@ -299,9 +290,7 @@ def resume(accelerator: Accelerator, scheduler, checkpoint: Path, now: Progress,
     """Load `checkpoint` into the prepared objects; `now` (this launch's geometry) continued from its position."""
     saved = load_checkpoint(accelerator, scheduler, checkpoint)
     if not allow_changes:
-        refuse_changes(
-            geometry_changes(saved, now.num_processes, now.micro_batch_size, now.accumulation_steps), checkpoint
-        )
+        refuse_changes(geometry_changes(saved, now), checkpoint)
     return replace(
         now,
         step=saved.step,

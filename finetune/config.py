@@ -199,12 +199,12 @@ def closest_key(key: str, valid: list[str]) -> str | None:
     return None
 
 
-def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for name, value in mapping.items():
         dotted = f"{prefix}{name}"
         if isinstance(value, dict):
-            items += _flatten(value, dotted + ".")  # an empty group sets nothing
+            items += flatten(value, dotted + ".")  # an empty group sets nothing
         else:
             items.append((dotted, value))
     return items
@@ -272,7 +272,7 @@ def build_config(schema: type[T], sources: list[tuple[str, dict[str, Any]]]) -> 
     values: dict[str, Any] = {k: key.default for k, key in keys.items()}
     problems: list[str] = []
     for source, mapping in sources:
-        for dotted, raw in _flatten(mapping):
+        for dotted, raw in flatten(mapping):
             if dotted in groups:
                 problems.append(f"{dotted} ({source}): is a group of keys, not a value; set e.g. {dotted}.<key>")
                 continue

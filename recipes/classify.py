@@ -226,13 +226,12 @@ def main(argv: list[str]) -> None:
                             },
                         )
                     metrics = None
-                    if step < total_steps and (
-                        checkpoint_due(cfg, step, progress) or every(cfg.eval.every_n_steps, step)
-                    ):
+                    checkpoint_now = step < total_steps and checkpoint_due(cfg, step, progress)  # final/ ends the run
+                    if checkpoint_now or (step < total_steps and every(cfg.eval.every_n_steps, step)):
                         with throughput.paused():  # evaluation time is not training throughput
                             metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
                         log.log(step, prefixed("eval", metrics))
-                    if stop or (step < total_steps and checkpoint_due(cfg, step, progress)):
+                    if stop or checkpoint_now:
                         with throughput.paused():
                             saved_to = save(metrics, "preempted" if stop else "periodic")
                     if stop:

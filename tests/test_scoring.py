@@ -99,7 +99,7 @@ def test_data_without_labels_gives_predictions_only(run_dir, tmp_path, capsys):
 
 
 def test_lora_checkpoint_of_a_run_is_scored_with_the_runs_labels(run_dir, tiny_bert, tmp_path, capsys):
-    """A LoRA run's checkpoint is a peft adapter without config.json: its label names come from the run's data."""
+    """A peft adapter saved without config.json (as peft saves one): its label names come from the run's data."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     from finetune.modeling import load_classifier
