@@ -8,8 +8,9 @@ summed over its micro-batches and over all processes. The accumulated gradient i
 gradient of the mean loss over the window's examples, as one big batch would give.
 
 Accelerate's `accumulate()` stays the mechanism (no gradient sync on non-final micro-steps). To know
-N before the first backward of a window, `accumulation_windows` reads the window's micro-batches
-ahead, counts their loss terms and all-reduces the count: one small collective per optimizer step.
+N before the first backward of a window, `windows` reads the window's micro-batches ahead, counts their
+loss terms and all-reduces the count: one small collective per optimizer step. `WindowBackward` runs a
+window's forward and backward passes, and gets through an out-of-memory error by splitting micro-batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, send_to_device
+
+from finetune.errors import UserError
+from finetune.memory import is_out_of_memory, release_memory
 
 IGNORE_INDEX = -100  # label value that contributes no loss term (padding, prompt tokens)
 
@@ -64,9 +69,13 @@ def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 class Window:
     """One accumulation window: the micro-batches of one optimizer step on this process."""
 
-    size: int  # micro-batches in this window (k, or fewer for the last window of an epoch)
+    batches: list[dict]  # k micro-batches, or fewer for the last window of an epoch
     num_loss_terms: int  # loss terms in the window, summed over its micro-batches and all processes
     _scale: float = field(repr=False, default=0.0)
+
+    @property
+    def size(self) -> int:
+        return len(self.batches)
 
     def normalise(self, summed_loss: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss to pass to `accelerator.backward`.
@@ -78,39 +87,110 @@ class Window:
         return summed_loss * self._scale
 
 
-def accumulation_windows(
-    accelerator: Accelerator,
-    dataloader: Iterable[dict],
-    count_loss_terms: Callable[[dict], torch.Tensor],
-    on_window: Callable[[Window], None] | None = None,
-) -> Iterator[tuple[dict, Window]]:
-    """Yield (micro-batch, its window) over a prepared dataloader, one window read ahead at a time.
-
-    `on_window(window)` runs after a window is read and before its first micro-batch is yielded.
+def windows(
+    accelerator: Accelerator, dataloader: Iterable[dict], count_loss_terms: Callable[[dict], torch.Tensor]
+) -> Iterator[Window]:
+    """The accumulation windows of a dataloader, each read ahead and its loss terms counted over all processes.
 
     Needs an Accelerator made with `GradientAccumulationPlugin(sync_with_dataloader=False)` (see
-    `finetune.launch.make_accelerator`): reading ahead reaches the end of the dataloader before the
-    last window's earlier micro-batches run, which would make `accumulate()` sync too early. For a
-    short last window its micro-step counter is advanced so that it syncs on the window's last batch.
+    `finetune.launch.make_accelerator`): reading ahead reaches the end of the dataloader before the last
+    window's earlier micro-batches run, which would make `accumulate()` sync too early. Batches are moved to
+    the accelerator's device (a prepared dataloader's already are).
     """
     if accelerator.gradient_state.sync_with_dataloader:
         raise RuntimeError(
-            "accumulation_windows needs GradientAccumulationPlugin(sync_with_dataloader=False); "
+            "accumulation windows need GradientAccumulationPlugin(sync_with_dataloader=False); "
             "build the Accelerator with finetune.launch.make_accelerator"
         )
     k = accelerator.gradient_accumulation_steps
     iterator = iter(dataloader)
     while batches := list(islice(iterator, k)):
+        batches = [send_to_device(b, accelerator.device) for b in batches]
         local = torch.stack([count_loss_terms(b) for b in batches]).sum()
-        total = int(accelerator.reduce(local.to(accelerator.device), reduction="sum").item())
+        total = int(accelerator.reduce(local, reduction="sum").item())
         scale = k * accelerator.num_processes / total if total else 0.0
-        window = Window(size=len(batches), num_loss_terms=total, _scale=scale)
-        # Align accumulate()'s counter so that (counter % k == 0) falls on this window's last batch.
-        accelerator.step = k - len(batches)
-        if on_window is not None:
-            on_window(window)
-        for batch in batches:
+        yield Window(batches=batches, num_loss_terms=total, _scale=scale)
+
+
+def accumulation_windows(
+    accelerator: Accelerator, dataloader: Iterable[dict], count_loss_terms: Callable[[dict], torch.Tensor]
+) -> Iterator[tuple[dict, Window]]:
+    """(micro-batch, its window) pairs, for a loop over micro-batches inside `accelerator.accumulate()`:
+    `accumulate()`'s counter is aligned at each window so that it syncs on the window's last batch."""
+    for window in windows(accelerator, dataloader, count_loss_terms):
+        align_accumulate(accelerator, window.size)
+        for batch in window.batches:
             yield batch, window
+
+
+def align_accumulate(accelerator: Accelerator, micro_batches: int) -> None:
+    """Set `accumulate()`'s counter so that (counter % k == 0) falls on the last of `micro_batches`."""
+    accelerator.step = -micro_batches % accelerator.gradient_accumulation_steps
+
+
+def split_batch(batch: dict, pieces: int) -> list[dict]:
+    """`batch` cut into `pieces` smaller batches along the example dimension (empty ones dropped)."""
+    if pieces == 1:
+        return [batch]
+    parts = {name: torch.tensor_split(tensor, pieces) for name, tensor in batch.items()}
+    return [{name: chunks[i] for name, chunks in parts.items()} for i in range(pieces) if len(parts["labels"][i])]
+
+
+class WindowBackward:
+    """Forward and backward over every micro-batch of a window, inside `accelerator.accumulate()`.
+
+    If a micro-batch runs out of memory (one process), the window is redone from zeroed gradients with each
+    micro-batch cut in two: twice the micro-batches of half the size, the same examples and normalisation,
+    so the same gradient (accumulation is exact) and the same global batch. Later windows keep the smaller
+    size. With several processes, recovering would need every process to change course at the same point
+    of the gradient all-reduce, so the error stops the run with what to set instead.
+    """
+
+    def __init__(self, accelerator: Accelerator, loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        self.accelerator = accelerator
+        self.loss_fn = loss_fn  # (model, batch) -> summed loss of the batch
+        self.pieces = 1  # each micro-batch is cut into this many after out-of-memory errors
+        self.notes: list[str] = []  # what the recovery did, for the run's log
+
+    def __call__(self, model: torch.nn.Module, window: Window) -> torch.Tensor:
+        """The window's summed loss on this process (detached); gradients accumulated in `model`."""
+        while True:
+            try:
+                return self._run(model, window)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                del err  # its traceback holds the failed attempt's tensors
+            self._shrink(model, window)
+
+    def _run(self, model: torch.nn.Module, window: Window) -> torch.Tensor:
+        micro_batches = [piece for batch in window.batches for piece in split_batch(batch, self.pieces)]
+        align_accumulate(self.accelerator, len(micro_batches))
+        total = torch.zeros((), device=self.accelerator.device)
+        for batch in micro_batches:
+            with self.accelerator.accumulate(model):
+                summed_loss = self.loss_fn(model, batch)
+                self.accelerator.backward(window.normalise(summed_loss))
+            total += summed_loss.detach().float()
+        return total
+
+    def _shrink(self, model: torch.nn.Module, window: Window) -> None:
+        size = max(len(b["labels"]) for b in window.batches)
+        smallest = -(-size // self.pieces)  # the largest piece now
+        alone = self.accelerator.num_processes == 1 and self.accelerator.distributed_type != DistributedType.DEEPSPEED
+        if not alone or smallest == 1:
+            why = "a single example" if smallest == 1 else "several processes, or DeepSpeed, cannot redo a window"
+            raise UserError(
+                f"out of memory in a micro-batch of {smallest} example(s) ({why}). Set train.micro_batch_size "
+                f"below {smallest} (or auto), lower data.max_length, or turn on train.gradient_checkpointing."
+            )
+        model.zero_grad(set_to_none=True)  # the failed attempt may have accumulated part of its gradients
+        release_memory()
+        self.pieces *= 2
+        self.notes.append(
+            f"out of memory with micro-batches of {smallest}: this window and the next ones run micro-batches of "
+            f"{-(-size // self.pieces)} with twice the accumulation (same global batch, same gradient)"
+        )
 
 
 class LossMeter:

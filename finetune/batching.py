@@ -1,8 +1,8 @@
 """Batch geometry: global batch = micro-batch x accumulation steps x processes.
 
 A config states either the micro-batch and the accumulation steps, or the global batch (then the
-accumulation steps follow). `micro_batch_size: auto` probes the largest micro-batch that fits in memory
-with Accelerate's `find_executable_batch_size` and raises the accumulation steps to keep the global batch.
+accumulation steps follow). `micro_batch_size: auto` finds the largest micro-batch with which a whole
+optimizer step fits in memory and raises the accumulation steps to keep the global batch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import find_executable_batch_size
 
 from finetune.errors import UserError
+from finetune.memory import HEADROOM, DeviceMemory, is_out_of_memory, release_memory
 
 
 @dataclass(frozen=True)
@@ -62,41 +62,48 @@ def plan_batches(train, processes: int) -> BatchGeometry | None:
 def find_micro_batch_size(
     accelerator: Accelerator,
     global_batch_size: int,
-    try_micro_batch: Callable[[int], None],
+    rehearse: Callable[[int, int], None],
+    memory: DeviceMemory | None = None,
 ) -> BatchGeometry:
-    """The largest micro-batch for which `try_micro_batch(size)` (a forward and backward of the longest
-    examples) does not run out of memory, agreed by all processes; accumulation keeps the global batch.
+    """The largest micro-batch with which a whole optimizer step fits in memory, agreed by all processes;
+    the accumulation steps keep the global batch.
 
-    Candidates are the divisors of the per-process global batch, largest first; Accelerate's
-    `find_executable_batch_size` moves to the next one on an out-of-memory error.
+    Candidates are the divisors of the per-process global batch, largest first. `rehearse(size,
+    accumulation_steps)` runs one step's worth of memory with that micro-batch (see
+    `finetune.memory.rehearse_step`); a size fits when it raises no out-of-memory error and, where the device
+    reports its limit, peaks at most `HEADROOM` of it.
     """
     processes = accelerator.num_processes
     if global_batch_size % processes:
         raise UserError(f"train.global_batch_size={global_batch_size} is not divisible by the {processes} processes.")
+    memory = memory or DeviceMemory(accelerator.device)
     per_process = global_batch_size // processes
-    candidates = [d for d in range(per_process, 0, -1) if per_process % d == 0]
-    tried: list[int] = []
-
-    def next_candidate() -> int:
-        smaller = [d for d in candidates if d < tried[-1]]
-        return smaller[0] if smaller else 0  # 0 makes Accelerate give up
-
-    @find_executable_batch_size(starting_batch_size=per_process, reduce_batch_size_fn=next_candidate)
-    def probe(batch_size: int) -> int:
-        tried.append(batch_size)
-        try_micro_batch(batch_size)
-        return batch_size
-
-    try:
-        fits = probe()
-    except RuntimeError as err:
-        if "No executable batch size found" not in str(err):
-            raise
-        raise UserError(
-            f"train.micro_batch_size=auto: even a micro-batch of {tried[-1]} ran out of memory "
-            f"(tried {', '.join(map(str, tried))}). Lower data.max_length, turn on train.gradient_checkpointing "
-            "or lora.enabled, or launch with accelerate_configs/deepspeed_zero3_offload.yaml."
-        ) from None
-    # Every process must use the same micro-batch: the smallest that fitted anywhere.
+    fits, tried = 0, []
+    for size in (d for d in range(per_process, 0, -1) if per_process % d == 0):
+        release_memory()
+        memory.reset_peak()
+        try:
+            rehearse(size, per_process // size)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            tried.append(f"{size} (out of memory)")
+            del err  # its traceback holds the failed attempt's tensors
+            continue
+        peak, limit = memory.peak(), memory.limit()
+        if peak is not None and limit is not None and peak > HEADROOM * limit:
+            tried.append(f"{size} (peak {peak / 2**20:,.0f} MiB > {HEADROOM:.0%} of {limit / 2**20:,.0f} MiB)")
+            continue
+        fits = size
+        break
+    release_memory()
+    # Every process must use the same micro-batch: the smallest that fitted anywhere (0: none did somewhere).
     fits = int(accelerator.gather(torch.tensor([fits], device=accelerator.device)).min().item())
+    if not fits:
+        raise UserError(
+            f"train.micro_batch_size=auto: no micro-batch fits in memory with its optimizer step and "
+            f"an evaluation batch (tried {', '.join(tried) or 'on another process'}). Lower data.max_length or "
+            "eval.batch_size, turn on train.gradient_checkpointing or lora.enabled, or launch with "
+            "accelerate_configs/deepspeed_zero3_offload.yaml."
+        )
     return BatchGeometry(fits, per_process // fits, processes)

@@ -69,6 +69,7 @@ RUN_DEFINING_KEYS = (
     "train.warmup_steps",
     "train.max_grad_norm",
     "train.mixed_precision",
+    "train.weights_dtype",
     "train.seed",
 )
 

@@ -346,3 +346,11 @@ def make_dataloader(
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collator, num_workers=num_workers
     )
+
+
+def longest_batch(ds: Dataset, tokenizer: PreTrainedTokenizerBase, size: int, device: torch.device) -> dict:
+    """A batch of the `size` longest examples of `ds`, on `device`: the most memory a batch of `size` takes."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
+    batch = next(iter(make_dataloader(ds.select(longest), tokenizer, len(longest), shuffle=False)))
+    return {name: tensor.to(device) for name, tensor in batch.items()}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from finetune.errors import UserError
 from finetune.metrics import load_metric
 
 
@@ -64,11 +65,46 @@ def classification_metrics(
     return results
 
 
+def collapse_warning(predictions: Predictions, id2label: dict[int, str] | None = None) -> str | None:
+    """A warning when the model gives every example the same answer although the gold labels differ:
+    what a model that stopped learning (or never started) looks like, whatever its accuracy."""
+    if len(predictions.labels) < 2 or len(np.unique(predictions.labels)) < 2:
+        return None
+    if is_regression(predictions):
+        if np.ptp(predictions.logits[:, 0]) > 0:
+            return None
+        return f"the model predicts the same score for all {len(predictions.labels)} validation examples"
+    predicted = np.unique(predictions.logits.argmax(-1))
+    if len(predicted) > 1:
+        return None
+    name = (id2label or {}).get(int(predicted[0]), int(predicted[0]))
+    return (
+        f"the model predicts {name!r} for all {len(predictions.labels)} validation examples "
+        f"(the data has {len(np.unique(predictions.labels))} classes): it has not learned the task"
+    )
+
+
 def evaluate_classifier(
     accelerator: Accelerator,
     model: torch.nn.Module,
     dataloader,
     names: tuple[str, ...] | list[str] = ("accuracy", "f1_macro"),
-) -> dict[str, float]:
-    """Metrics of `model` on a prepared validation dataloader (identical on every process)."""
-    return classification_metrics(predict(accelerator, model, dataloader), names)
+) -> dict[str, float | str]:
+    """Metrics of `model` on a prepared validation dataloader (identical on every process).
+
+    NaN or infinite outputs stop the run (a UserError): a model that computes them is broken, and its
+    metrics would look like a poor but finished run. One answer for every example adds a `warning`."""
+    predictions = predict(accelerator, model, dataloader)
+    bad = int((~np.isfinite(predictions.logits)).any(axis=-1).sum())
+    if bad:
+        raise UserError(
+            f"the model's outputs are NaN or infinite for {bad} of {len(predictions.labels)} validation examples: "
+            "its weights diverged. Lower train.lr, keep train.weights_dtype=fp32, or check the data; "
+            "resume from an earlier checkpoint with train.resume_from=<run>/checkpoints/step_N."
+        )
+    metrics: dict[str, float | str] = classification_metrics(predictions, names)
+    config = getattr(accelerator.unwrap_model(model), "config", None)
+    warning = collapse_warning(predictions, getattr(config, "id2label", None))
+    if warning:
+        metrics["warning"] = warning
+    return metrics

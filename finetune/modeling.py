@@ -97,16 +97,21 @@ def head_config(label_names: list[str], task: str = "classification") -> dict:
 
 
 def load_classifier(
-    cfg, label_names: list[str], tokenizer: PreTrainedTokenizerBase, task: str = "classification"
+    cfg,
+    label_names: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    task: str = "classification",
+    dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """A sequence-classification model with a fresh head for `label_names` (or one regression output),
-    labels saved in its config."""
+    labels saved in its config, its weights in `dtype` whatever the checkpoint stores (see finetune.precision)."""
     model = _load(
         AutoModelForSequenceClassification,
         cfg,
         "model",
         **head_config(label_names, task),
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a fresh head
+        dtype=dtype,  # transformers 5 would keep the stored dtype (dtype="auto")
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

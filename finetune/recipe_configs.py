@@ -75,6 +75,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "null = what the launcher says (accelerate config / --mixed_precision); set it only to insist"
     )
+    weights_dtype: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "dtype of the trained weights and optimizer state, whatever the checkpoint stores: fp32 (mixed precision "
+        "computes in bf16/fp16 from fp32 weights), or bf16 = pure bf16 (half the memory; updates below bf16's "
+        "resolution are lost)",
+    )
     seed: int = option(42, "seed for weights init, shuffling and dropout")
     num_workers: int = option(0, "DataLoader worker processes", ge=0)
     cpu_threads: int | None = option(

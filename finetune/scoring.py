@@ -210,14 +210,15 @@ def load_model(path: Path, head: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if is_full_model_dir(path):
-            return tokenizer, AutoModelForSequenceClassification.from_pretrained(path)
+            # fp32 as training loads it: a half-precision checkpoint would otherwise be scored in its stored dtype
+            return tokenizer, AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         # The base model is loaded explicitly: transformers would look for base weights in `path` itself
         # once a config.json lies beside the adapter.
         base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not the base's "classifier newly initialized": the adapter holds it
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(base, **head)
+            model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **head)
         finally:
             hf_logging.set_verbosity(verbosity)
         model.load_adapter(str(path))

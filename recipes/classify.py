@@ -18,7 +18,7 @@ import torch
 import transformers
 from accelerate.utils import set_seed
 
-from finetune.accumulation import LossMeter, accumulation_windows, count_label_terms, summed_classification_loss
+from finetune.accumulation import LossMeter, WindowBackward, count_label_terms, summed_classification_loss, windows
 from finetune.batching import find_micro_batch_size
 from finetune.checkpoints import (
     Progress,
@@ -34,10 +34,12 @@ from finetune.checkpoints import (
     trim_metrics_log,
 )
 from finetune.config import config_to_dict, load_config, save_config
-from finetune.data import load_classification_data, make_dataloader, tokenize
+from finetune.data import load_classification_data, longest_batch, make_dataloader, tokenize
 from finetune.errors import UserError, exit_on_user_error
 from finetune.evaluation import evaluate_classifier
+from finetune.fsdp import prepare_fsdp
 from finetune.launch import make_accelerator
+from finetune.memory import rehearse_step
 from finetune.metrics import check_metric_names
 from finetune.modeling import (
     apply_lora,
@@ -51,6 +53,7 @@ from finetune.modeling import (
     write_model,
 )
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
 from finetune.recipe_configs import ClassifyConfig
 from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
 from finetune.tracking import RunLog, Throughput, memory_mb
@@ -84,6 +87,7 @@ def setup(argv: list[str]):
     check_lora_targets(cfg.lora, model_config)
     check_metric_names(cfg.resolved_metrics(), regression=cfg.data.task == "regression")
     accelerator, geometry = make_accelerator(cfg.train)
+    check_precision(cfg.train.weights_dtype, accelerator)
     return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
 
 
@@ -103,14 +107,16 @@ def main(argv: list[str]) -> None:
     log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
 
     # ---- model
-    model = load_classifier(cfg.model, data.label_names, tokenizer, task=data.task)
+    model = load_classifier(cfg.model, data.label_names, tokenizer, data.task, WEIGHT_DTYPES[cfg.train.weights_dtype])
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    check_trainable_dtypes(model, cfg.train.weights_dtype)
     trainable, total = parameter_counts(model)
     log.info(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
+    prepare_fsdp(accelerator, model)  # a no-op unless launched with FSDP2: see finetune/fsdp.py
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # ---- data
@@ -118,10 +124,19 @@ def main(argv: list[str]) -> None:
         train_set = tokenize(data.train, tokenizer, cfg.data.max_length)
         val_set = tokenize(data.validation, tokenizer, cfg.data.max_length)
     if geometry is None:  # micro_batch_size: auto
+        eval_batch = longest_batch(val_set, tokenizer, cfg.eval.batch_size, accelerator.device)
+        eval_batch.pop("labels")
         geometry = find_micro_batch_size(
             accelerator,
             cfg.train.global_batch_size,
-            lambda size: try_micro_batch(accelerator.unwrap_model(model), train_set, tokenizer, size),
+            lambda size, steps: rehearse_step(
+                accelerator.unwrap_model(model),  # no all-reduce: each process rehearses on its own
+                optimizer,
+                classification_loss,
+                longest_batch(train_set, tokenizer, size, accelerator.device),
+                steps,
+                eval_batch,
+            ),
         )
         accelerator.gradient_accumulation_steps = geometry.accumulation_steps
     train_loader = make_dataloader(
@@ -174,6 +189,9 @@ def main(argv: list[str]) -> None:
     step, epoch = progress.step, progress.epoch
     memory_before = memory_mb(accelerator.device)["now"]
     loss_meter, throughput, flags = LossMeter(), Throughput(), StepFlags()
+    backward = WindowBackward(accelerator, classification_loss)
+    lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
+    warnings: list[str] = []
     log.start_progress(total_steps)
     log.advance(step)
     model.train()
@@ -181,67 +199,66 @@ def main(argv: list[str]) -> None:
         train_loader.set_epoch(epoch)
         skip = progress.batches_into_epoch
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        # Dropout masks from (seed, step) alone, so that a resumed run draws the same ones (see finetune.checkpoints).
-        reseed = lambda window: seed_window(cfg.train.seed, progress.step)  # noqa: E731
-        window_finite = torch.tensor(True, device=accelerator.device)
-        for batch, window in accumulation_windows(accelerator, batches, count_label_terms, on_window=reseed):
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                summed_loss = summed_classification_loss(model(**batch).logits, labels)
-                window_finite &= torch.isfinite(summed_loss.detach())  # no device sync until the step
-                accelerator.backward(window.normalise(summed_loss))
-                loss_meter.add(summed_loss, window)
-                throughput.add(len(labels) * accelerator.num_processes)
-                progress.batches_into_epoch += 1
-                if accelerator.sync_gradients:  # the window's last micro-batch: one optimizer step
-                    nonfinite, stop = flags.exchange(accelerator, window_finite)
-                    stop = stop and step + 1 < total_steps  # on the last step, finishing is the quickest way out
-                    window_finite.fill_(True)
-                    if nonfinite and cfg.train.on_nonfinite_loss == "stop":
-                        raise UserError(
-                            f"the training loss is not finite (NaN or inf) at optimizer step {step + 1} "
-                            f"(epoch {epoch}). Lower train.lr, check the data, or set train.on_nonfinite_loss=skip."
-                        )
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-                    if nonfinite:
-                        log.info(f"step {step + 1}: the loss is not finite; update skipped")
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                    step += 1
-                    progress.step, progress.samples_seen = step, progress.samples_seen + window.num_loss_terms
-                    if progress.batches_into_epoch == len(train_loader):  # the window ended the epoch
-                        progress.epoch, progress.batches_into_epoch = epoch + 1, 0
-                    log.advance()
-                    if step % cfg.logging.every_n_steps == 0 or step == total_steps:
-                        log.log(
-                            step,
-                            {
-                                "epoch": epoch,
-                                "loss": loss_meter.pop_mean(accelerator),
-                                "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": as_float(grad_norm),
-                                "samples_per_s": throughput.pop(),
-                            },
-                        )
-                    metrics = None
-                    checkpoint_now = step < total_steps and checkpoint_due(cfg, step, progress)  # final/ ends the run
-                    if checkpoint_now or (step < total_steps and every(cfg.eval.every_n_steps, step)):
-                        with throughput.paused():  # evaluation time is not training throughput
-                            metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
-                        log.log(step, prefixed("eval", metrics))
-                    if stop or checkpoint_now:
-                        with throughput.paused():
-                            saved_to = save(metrics, "preempted" if stop else "periodic")
-                    if stop:
-                        command = resume_command(sys.argv[0], argv, accelerator.num_processes)
-                        log.info(f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. {command}")
-                        log.close()
-                        accelerator.end_training()
-                        sys.exit(128 + flags.signal)
-                    if step == total_steps:
-                        break
+        for window in windows(accelerator, batches, count_label_terms):
+            # Dropout masks from (seed, step) alone, so that a resumed run draws the same ones (finetune.checkpoints).
+            seed_window(cfg.train.seed, progress.step)
+            summed_loss = backward(model, window)
+            loss_meter.add(summed_loss, window)
+            throughput.add(sum(len(b["labels"]) for b in window.batches) * accelerator.num_processes)
+            progress.batches_into_epoch += window.size
+            for note in backward.notes:
+                log.info(f"step {step + 1}: {note}")
+            backward.notes.clear()
+            nonfinite, stop = flags.exchange(accelerator, torch.isfinite(summed_loss))
+            stop = stop and step + 1 < total_steps  # on the last step, finishing is the quickest way out
+            if nonfinite and cfg.train.on_nonfinite_loss == "stop":
+                raise UserError(
+                    f"the training loss is not finite (NaN or inf) at optimizer step {step + 1} "
+                    f"(epoch {epoch}). Lower train.lr, check the data, or set train.on_nonfinite_loss=skip."
+                )
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
+            if nonfinite:
+                log.info(f"step {step + 1}: the loss is not finite; update skipped")
+            elif lost_updates is None:
+                optimizer.step()
+            elif warning := lost_updates.step(optimizer):  # pure bf16: measured on the first step
+                warnings.append(warning)
+                log.info(f"WARNING: {warning}")
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            progress.step, progress.samples_seen = step, progress.samples_seen + window.num_loss_terms
+            if progress.batches_into_epoch == len(train_loader):  # the window ended the epoch
+                progress.epoch, progress.batches_into_epoch = epoch + 1, 0
+            log.advance()
+            if step % cfg.logging.every_n_steps == 0 or step == total_steps:
+                log.log(
+                    step,
+                    {
+                        "epoch": epoch,
+                        "loss": loss_meter.pop_mean(accelerator),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": as_float(grad_norm),
+                        "samples_per_s": throughput.pop(),
+                    },
+                )
+            metrics = None
+            checkpoint_now = step < total_steps and checkpoint_due(cfg, step, progress)  # final/ ends the run
+            if checkpoint_now or (step < total_steps and every(cfg.eval.every_n_steps, step)):
+                with throughput.paused():  # evaluation time is not training throughput
+                    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
+                log.log(step, prefixed("eval", metrics))
+            if stop or checkpoint_now:
+                with throughput.paused():
+                    saved_to = save(metrics, "preempted" if stop else "periodic")
+            if stop:
+                command = resume_command(sys.argv[0], argv, accelerator.num_processes)
+                log.info(f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. {command}")
+                log.close()
+                accelerator.end_training()
+                sys.exit(128 + flags.signal)
+            if step == total_steps:
+                break
         epoch += 1
     flags.restore()
 
@@ -254,10 +271,14 @@ def main(argv: list[str]) -> None:
     log.log(step, prefixed("eval", metrics))
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
+    warnings += [metrics.pop("warning")] if "warning" in metrics else []
     if accelerator.is_main_process:
-        write_json(output_dir / "eval_results.json", {"step": step, "epoch": epoch, **metrics, **run_stats})
+        results = {"step": step, "epoch": epoch, **metrics, **run_stats, "warnings": warnings}
+        write_json(output_dir / "eval_results.json", results)
         scores = " ".join(f"{name}={metrics[name]:.4f}" for name in cfg.resolved_metrics())
-        print(f"done: {output_dir / 'final'} {scores}")
+        if warnings:  # a finished run that did not learn must not read like a success
+            print("\n".join(["", "!" * 100, *(f"WARNING: {w}" for w in warnings), "!" * 100]), file=sys.stderr)
+        print(f"done{' WITH WARNINGS' if warnings else ''}: {output_dir / 'final'} {scores}")
     accelerator.end_training()
 
 
@@ -271,17 +292,10 @@ def checkpoint_due(cfg: ClassifyConfig, step: int, progress: Progress) -> bool:
     return every(cfg.checkpoint.every_n_steps, step) or (cfg.checkpoint.at_epoch_end and epoch_ended)
 
 
-def try_micro_batch(model, train_set, tokenizer, size: int) -> None:
-    """One forward and backward of the `size` longest training examples (for micro_batch_size: auto).
-
-    Runs on the unwrapped model: no gradient all-reduce, so each process may probe on its own."""
-    lengths = [len(ids) for ids in train_set["input_ids"]]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
-    batch = next(iter(make_dataloader(train_set.select(longest), tokenizer, size, shuffle=False)))
-    batch = {name: tensor.to(next(model.parameters()).device) for name, tensor in batch.items()}
-    labels = batch.pop("labels")
-    summed_classification_loss(model(**batch).logits, labels).backward()
-    model.zero_grad(set_to_none=True)
+def classification_loss(model, batch: dict) -> torch.Tensor:
+    """Summed loss of a micro-batch: cross-entropy, or squared error for a regression head."""
+    inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
+    return summed_classification_loss(model(**inputs).logits, batch["labels"])
 
 
 def as_float(value) -> float:

@@ -39,7 +39,7 @@ def test_impossible_geometries_are_config_errors():
 
 
 def oom_above(limit: int, tried: list[int]):
-    def try_micro_batch(size: int) -> None:
+    def try_micro_batch(size: int, accumulation_steps: int) -> None:
         tried.append(size)
         if size > limit:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
@@ -67,12 +67,13 @@ def test_auto_with_nothing_that_fits_says_what_to_change(accelerator):
     with pytest.raises(UserError) as err:
         find_micro_batch_size(accelerator, 4, oom_above(0, tried))
     assert tried == [4, 2, 1]
-    assert "even a micro-batch of 1 ran out of memory (tried 4, 2, 1)" in str(err.value)
+    assert "no micro-batch fits" in str(err.value)
+    assert "(tried 4 (out of memory), 2 (out of memory), 1 (out of memory))" in str(err.value)
     assert "data.max_length" in str(err.value) and "gradient_checkpointing" in str(err.value)
 
 
 def test_other_errors_are_not_taken_for_out_of_memory(accelerator):
-    def broken(size: int) -> None:
+    def broken(size: int, accumulation_steps: int) -> None:
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
@@ -108,3 +109,30 @@ def test_auto_without_a_global_batch_is_refused(tiny_bert, toy_data, tmp_path, c
     err = run_bad(toy_args(tiny_bert, toy_data, tmp_path / "o", "train.micro_batch_size=auto"), capsys)
     assert "train.micro_batch_size=auto needs train.global_batch_size" in err
     assert CLASSIFY.exists()
+
+
+class PeakPerExample:
+    """A device whose peak is 10 units per example, against a limit of 100."""
+
+    def __init__(self):
+        self.size = 0
+
+    def reset_peak(self):
+        self.size = 0
+
+    def peak(self):
+        return 10 * self.size
+
+    def limit(self):
+        return 100
+
+
+def test_auto_keeps_a_margin_below_the_device_limit(accelerator):
+    memory = PeakPerExample()
+
+    def rehearse(size: int, accumulation_steps: int) -> None:
+        memory.size = size
+
+    # 10 examples would peak at exactly the limit (no OOM), but leave nothing for fragmentation: 9 x 10 > 85.
+    geometry = find_micro_batch_size(accelerator, 40, rehearse, memory)
+    assert geometry == BatchGeometry(8, 5, 1)
