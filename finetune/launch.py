@@ -21,6 +21,7 @@ from accelerate.utils import (
 
 from finetune.batching import BatchGeometry, plan_batches
 from finetune.errors import UserError
+from finetune.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
 
 LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
@@ -62,6 +63,8 @@ def make_accelerator(train) -> tuple[Accelerator, BatchGeometry | None]:
         )
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
         raise UserError(f"cannot set up Accelerate: {err}") from None
+    if launched_with_fsdp2() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator)  # Accelerate would run it as DDP: see finetune/fsdp.py
     geometry = plan_batches(train, accelerator.num_processes)
     if geometry is None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(
