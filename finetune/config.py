@@ -80,6 +80,8 @@ def coerce(value: Any, tp: Any) -> Any:
         raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)
+        if value is False and "no" in choices:
+            return "no"  # a YAML file's unquoted `no` (YAML 1.1 reads it as false)
         for choice in choices:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
@@ -300,10 +302,15 @@ def build_config(schema: type[T], sources: list[tuple[str, dict[str, Any]]]) -> 
     return cfg
 
 
+def _is_string_choice(tp: Any) -> bool:
+    return tp is str or (get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp)))
+
+
 def _parse_cli_value(raw: str, tp: Any) -> Any:
     """Command-line values are strings; read them as YAML scalars or lists except for plain strings."""
-    if tp is str or (get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))):
-        return raw  # YAML would read on/off/yes/no as booleans
+    members = [m for m in get_args(tp) if m is not type(None)] if _is_optional(tp) else [tp]
+    if len(members) == 1 and _is_string_choice(members[0]):
+        return raw  # YAML would read on/off/yes/no as booleans (null is read by coerce)
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
