@@ -224,6 +224,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / STATE_DIR))
     write_model(tmp / MODEL_DIR)
+    accelerator.wait_for_everyone()  # every process's RNG file is in before the dir is renamed into place
     if accelerator.is_main_process:
         if not (tmp / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
             write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())

@@ -52,6 +52,7 @@ from finetune.modeling import (
     save_final,
     write_model,
 )
+from finetune.multinode import check_machines_agree
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
 from finetune.recipe_configs import ClassifyConfig
@@ -94,6 +95,8 @@ def setup(argv: list[str]):
 @exit_on_user_error
 def main(argv: list[str]) -> None:
     cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
+    # Several machines must share output.dir (checkpoints hold every process's RNG file) and the config.
+    check_machines_agree(accelerator, output_dir, config=config_to_dict(cfg), resume_from=resume_dir)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         if resume_dir is not None:

@@ -74,6 +74,7 @@ def big_batch_gradients(
     for size in window_examples:
         window = examples.select(range(start, start + size))
         batch = next(iter(make_dataloader(window, tokenizer, size, False, pad_to_multiple_of=pad_to)))
+        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}  # the GPU, where there is one
         labels = batch.pop("labels")
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
         loss.backward()

@@ -133,7 +133,7 @@ def test_naive_division_by_k_gives_other_parameters(tiny_bert):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model, opt = accelerator.prepare(model, opt)
     for i in range(0, 26, 2):
-        batch = collate(examples[i : i + 2], "lm")
+        batch = {name: tensor.to(accelerator.device) for name, tensor in collate(examples[i : i + 2], "lm").items()}
         with accelerator.accumulate(model):
             accelerator.backward(model(**batch).loss)  # HF mean loss; accelerate divides by k
             if accelerator.sync_gradients:

@@ -206,7 +206,8 @@ def test_final_model_scores_in_pipeline_and_finetune_eval_as_in_training(regress
     outputs = pipeline("text-classification", model=str(regression_run / "final"), device="cpu")(
         [r["text"] for r in rows[:5]], truncation=True
     )
-    assert [o["score"] for o in outputs] == pytest.approx([r["predicted"] for r in rows[:5]], abs=1e-5)
+    # pipeline on CPU, finetune-eval on the GPU where there is one: a bound that holds across devices
+    assert [o["score"] for o in outputs] == pytest.approx([r["predicted"] for r in rows[:5]], abs=1e-4)
 
 
 @pytest.mark.recipe
@@ -297,7 +298,7 @@ def test_a_peft_adapter_dir_is_scored_with_its_adapter(tiny_bert, regression_dat
         expected = peft_model(**inputs).logits[:, 0]
         with peft_model.disable_adapter():
             without_adapter = peft_model(**inputs).logits[:, 0]
-    assert [r["predicted"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [r["predicted"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)  # CPU vs scoring device
     assert not torch.allclose(expected, without_adapter, atol=1e-3)  # so the match above needs the adapter
     results = json.loads((tmp_path / "e" / "eval_results.json").read_text())
     assert results["step"] == 4 and results["num_examples"] == 37 and "mse" in results

@@ -50,7 +50,7 @@ def test_final_model_is_scored_as_training_scored_it(run_dir, capsys):
     training = json.loads((run_dir / "eval_results.json").read_text())
     for key in ("accuracy", "f1_macro", "num_examples"):
         assert results[key] == training[key]  # same data (the run's own validation file), same code path
-    assert results["loss"] == pytest.approx(training["loss"], rel=1e-5)
+    assert results["loss"] == pytest.approx(training["loss"], rel=1e-4)  # training under autocast on a GPU
     assert len(results["data_fingerprint"]) == 16
     rows = read_jsonl(run_dir / "final" / "eval" / "predictions.jsonl")
     assert len(rows) == 37 and {"text", "gold", "predicted", "probabilities"} <= set(rows[0])
@@ -131,7 +131,7 @@ def test_lora_checkpoint_of_a_run_is_scored_with_the_runs_labels(run_dir, tiny_b
         logits = peft_model(**tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)).logits
     probabilities = torch.softmax(logits, -1)
     saved = [p for r in rows for p in r["probabilities"].values()]
-    assert saved == pytest.approx(probabilities.flatten().tolist(), abs=1e-5)
+    assert saved == pytest.approx(probabilities.flatten().tolist(), abs=1e-4)  # CPU vs the scoring device
     assert list(rows[0]["probabilities"]) == ["animal", "fruit", "vehicle"]
 
 
