@@ -89,22 +89,24 @@ def evaluate_classifier(
     model: torch.nn.Module,
     dataloader,
     names: tuple[str, ...] | list[str] = ("accuracy", "f1_macro"),
+    on_nonfinite: str = "stop",
 ) -> dict[str, float | str]:
     """Metrics of `model` on a prepared validation dataloader (identical on every process).
 
-    NaN or infinite outputs stop the run (a UserError): a model that computes them is broken, and its
+    NaN or infinite outputs stop the run (a UserError; a `warning` with `on_nonfinite="skip"`, as
+    train.on_nonfinite_loss=skip asks): a model that computes them is broken, and its
     metrics would look like a poor but finished run. One answer for every example adds a `warning`."""
     predictions = predict(accelerator, model, dataloader)
     bad = int((~np.isfinite(predictions.logits)).any(axis=-1).sum())
-    if bad:
-        raise UserError(
-            f"the model's outputs are NaN or infinite for {bad} of {len(predictions.labels)} validation examples: "
-            "its weights diverged. Lower train.lr, keep train.weights_dtype=fp32, or check the data; "
-            "resume from an earlier checkpoint with train.resume_from=<run>/checkpoints/step_N."
-        )
+    nonfinite = (
+        f"the model's outputs are NaN or infinite for {bad} of {len(predictions.labels)} validation examples: "
+        "its weights diverged. Lower train.lr, keep train.weights_dtype=fp32, or check the data"
+    )
+    if bad and on_nonfinite == "stop":
+        raise UserError(f"{nonfinite}; resume from an earlier checkpoint: train.resume_from=<run>/checkpoints/step_N.")
     metrics: dict[str, float | str] = classification_metrics(predictions, names)
     config = getattr(accelerator.unwrap_model(model), "config", None)
-    warning = collapse_warning(predictions, getattr(config, "id2label", None))
+    warning = nonfinite if bad else collapse_warning(predictions, getattr(config, "id2label", None))
     if warning:
         metrics["warning"] = warning
     return metrics

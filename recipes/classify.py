@@ -249,7 +249,9 @@ def main(argv: list[str]) -> None:
             checkpoint_now = step < total_steps and checkpoint_due(cfg, step, progress)  # final/ ends the run
             if checkpoint_now or (step < total_steps and every(cfg.eval.every_n_steps, step)):
                 with throughput.paused():  # evaluation time is not training throughput
-                    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
+                    metrics = evaluate_classifier(
+                        accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss
+                    )
                 log.log(step, prefixed("eval", metrics))
             if stop or checkpoint_now:
                 with throughput.paused():
@@ -270,7 +272,7 @@ def main(argv: list[str]) -> None:
         **throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics())
+    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss)
     log.log(step, prefixed("eval", metrics))
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
