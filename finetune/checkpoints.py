@@ -1,4 +1,4 @@
-"""Checkpoints you can resume from exactly, and stop requests (SIGTERM, Ctrl-C) that end in one.
+"""Checkpoints you can resume from exactly.
 
 A checkpoint is `<run>/checkpoints/step_NNNNNN/`:
 
@@ -27,13 +27,11 @@ import math
 import re
 import shlex
 import shutil
-import signal
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.utils import SCHEDULER_NAME, set_seed
 
@@ -76,17 +74,40 @@ RUN_DEFINING_KEYS = (
 
 @dataclass
 class Progress:
-    """Where training stands after an optimizer step: enough to continue with the very next batch."""
+    """Where training stands after an optimizer step: enough to continue with the very next batch.
+
+    The one position record of a run: `advance` moves it over a window, rolling into the next epoch
+    when the window used up the epoch's micro-batches."""
 
     step: int = 0
-    epoch: int = 0
+    epoch: int = 0  # epochs completed
     batches_into_epoch: int = 0  # micro-batches of `epoch` already trained on, per process
-    samples_seen: int = 0  # over all processes
+    samples_seen: int = 0  # loss terms (examples, or target tokens) trained on, over all processes
     num_processes: int = 1
     micro_batch_size: int = 0
     accumulation_steps: int = 1
+    batches_per_epoch: int = 0  # micro-batches per epoch per process
     metrics: dict | None = None  # eval metrics at `step`, if evaluated
     reason: str = "periodic"  # periodic | preempted
+
+    def advance(self, window) -> None:
+        """One optimizer step over `window` (a `finetune.accumulation.Window`) was taken."""
+        self.step += 1
+        self.samples_seen += window.num_loss_terms
+        self.batches_into_epoch += window.size
+        if self.batches_into_epoch >= self.batches_per_epoch:
+            self.epoch, self.batches_into_epoch = self.epoch + 1, 0
+
+    @property
+    def epoch_ended(self) -> bool:
+        """The last step ended an epoch."""
+        return self.step > 0 and self.batches_into_epoch == 0
+
+    @property
+    def epochs(self) -> float:
+        """Epochs trained, with the fraction of the current one (what eval_results.json reports)."""
+        fraction = self.batches_into_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0
+        return round(self.epoch + fraction, 4)
 
 
 def checkpoint_name(step: int) -> str:
@@ -318,47 +339,3 @@ def trim_metrics_log(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Stop requests and non-finite losses
-# --------------------------------------------------------------------------------------------
-
-
-class StepFlags:
-    """SIGTERM and Ctrl-C (SIGINT) ask the run to stop after the current optimizer step.
-
-    `exchange` is called once per optimizer step on every process: one small all-reduce tells all of
-    them whether any process saw a non-finite loss in the window or received a stop signal, so that
-    they skip, stop or save together. A second Ctrl-C stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = self.signal or signum
-
-    def exchange(self, accelerator: Accelerator, window_finite: torch.Tensor) -> tuple[bool, bool]:
-        """(any process saw a non-finite loss, any process was asked to stop)."""
-        asked = torch.tensor(float(self.signal is not None), device=window_finite.device)
-        flags = torch.stack([(~window_finite).to(torch.float32), asked])
-        if accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags, reduction="sum")
-        nonfinite, stop = (bool(x) for x in flags.cpu().tolist())
-        if stop and self.signal is None:
-            self.signal = signal.SIGTERM  # another process received it
-        return nonfinite, stop
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else ""

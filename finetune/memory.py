@@ -109,5 +109,5 @@ def rehearse_step(
     if eval_batch is not None:
         model.eval()
         with torch.no_grad():
-            model(**eval_batch)
+            loss_fn(model, eval_batch)  # evaluation computes what training does, without gradients
     model.train(was_training)

@@ -111,7 +111,7 @@ AVERAGES = ("micro", "macro", "weighted")
 CLASSIFICATION = {"accuracy": Accuracy, "matthews_correlation": MatthewsCorrelation}
 AVERAGED = {"precision": Precision, "recall": Recall, "f1": F1}
 REGRESSION = {"pearson": Pearson, "spearman": Spearman, "mse": MeanSquaredError}
-LOWER_IS_BETTER = {"mse", "loss"}
+LOWER_IS_BETTER = {"mse", "loss", "perplexity"}
 
 
 def available_metrics() -> list[str]:

@@ -30,7 +30,7 @@ def model_source(name_or_path: str) -> str:
     return str(path) if path is not None else name_or_path
 
 
-def _load(loader, cfg, what: str, **kwargs):
+def load_pretrained(loader, cfg, what: str, **kwargs):
     source = model_source(cfg.name_or_path)
     try:
         return loader.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -44,7 +44,7 @@ def _load(loader, cfg, what: str, **kwargs):
 
 def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
     """The tokenizer of `cfg` (a ModelConfig); models without a pad token pad with EOS."""
-    tokenizer = _load(AutoTokenizer, cfg, "tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer, cfg, "tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -52,7 +52,7 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
 
 def load_model_config(cfg, **overrides) -> PretrainedConfig:
     """The model's config alone (cheap: no weights), with `overrides` applied."""
-    return _load(AutoConfig, cfg, "model config", **overrides)
+    return load_pretrained(AutoConfig, cfg, "model config", **overrides)
 
 
 def max_model_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -73,51 +73,6 @@ def check_max_length(max_length: int, config: PretrainedConfig, tokenizer: PreTr
         )
 
 
-# id2label name of a regression head's single output: pipeline("text-classification") reports it as the label.
-REGRESSION_LABEL = "score"
-
-
-def head_config(label_names: list[str], task: str = "classification") -> dict:
-    """Config of a fresh classification head: its outputs, their names, and the problem type.
-
-    problem_type "regression" makes pipeline("text-classification") return the raw score (it would apply a
-    sigmoid to a 1-output head otherwise); None keeps a classifier's config as before."""
-    if task == "regression":
-        id2label = {0: REGRESSION_LABEL}
-        problem_type = "regression"
-    else:
-        id2label = dict(enumerate(label_names))
-        problem_type = None  # resets a regression checkpoint's type when it is fine-tuned to classify
-    return {
-        "num_labels": len(id2label),
-        "id2label": id2label,
-        "label2id": {name: i for i, name in id2label.items()},
-        "problem_type": problem_type,
-    }
-
-
-def load_classifier(
-    cfg,
-    label_names: list[str],
-    tokenizer: PreTrainedTokenizerBase,
-    task: str = "classification",
-    dtype: torch.dtype = torch.float32,
-) -> PreTrainedModel:
-    """A sequence-classification model with a fresh head for `label_names` (or one regression output),
-    labels saved in its config, its weights in `dtype` whatever the checkpoint stores (see finetune.precision)."""
-    model = _load(
-        AutoModelForSequenceClassification,
-        cfg,
-        "model",
-        **head_config(label_names, task),
-        ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a fresh head
-        dtype=dtype,  # transformers 5 would keep the stored dtype (dtype="auto")
-    )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # Memory levers: gradient checkpointing and LoRA
 # --------------------------------------------------------------------------------------------
@@ -125,18 +80,18 @@ def load_classifier(
 ALL_LINEAR = "all-linear"
 
 
-def linear_module_names(config: PretrainedConfig) -> list[str]:
-    """Names of the linear layers of a classifier built from `config`, on the meta device (no memory)."""
+def linear_module_names(config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> list[str]:
+    """Names of the linear layers of a model built from `config`, on the meta device (no memory)."""
     with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(config)
+        skeleton = auto_class.from_config(config)
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def check_lora_targets(lora, config: PretrainedConfig) -> None:
+def check_lora_targets(lora, config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> None:
     """Every `lora.target_modules` entry must match a linear layer (peft matches names or name suffixes)."""
     if not lora.enabled or lora.target_modules == [ALL_LINEAR]:
         return
-    names = linear_module_names(config)
+    names = linear_module_names(config, auto_class)
     unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -146,13 +101,18 @@ def check_lora_targets(lora, config: PretrainedConfig) -> None:
         )
 
 
-def apply_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters; the classification head stays fully trainable."""
+def apply_lora(model: PreTrainedModel, lora, task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters. peft's task type says what else trains: SEQ_CLS keeps the fresh
+    classification head fully trainable; CAUSAL_LM trains the adapters alone (the LM head stays frozen)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
     peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
+        task_type=TaskType[task_type],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
     )
     return get_peft_model(model, peft_config)
 
@@ -199,3 +159,26 @@ def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_len
     if accelerator.is_main_process:
         replace_dir(tmp, target)
     accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
+# Causal language models
+# --------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(cfg, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An AutoModelForCausalLM from `cfg` (an SFTModelConfig), its weights in `dtype` whatever the checkpoint
+    stores; `cfg.random_init` builds it from its config.json with fresh weights (seeded by the caller)."""
+    from transformers import AutoModelForCausalLM
+
+    extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if cfg.random_init:
+        config = load_model_config(cfg, **extra)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = load_pretrained(AutoModelForCausalLM, cfg, "model", dtype=dtype, **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -202,3 +202,149 @@ class ClassifyConfig:
 
     def metric_for_best(self) -> str:
         return self.eval.metric_for_best or self.resolved_metrics()[0]
+
+
+# --------------------------------------------------------------------------------------------
+# recipes/sft.py: supervised fine-tuning of causal language models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTModelConfig:
+    """What to fine-tune: any AutoModelForCausalLM."""
+
+    name_or_path: str = option(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "local model dir, `package:<python package>/<dir inside it>`, or a Hugging Face Hub id",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
+    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+    random_init: bool = option(
+        False, "build the model from its config.json with fresh random weights (demos, tests, speed benchmarks)"
+    )
+    attn_implementation: str | None = option(
+        None, "sdpa, eager, flash_attention_2, ...; null = transformers' default for the model"
+    )
+
+
+@dataclass
+class SFTDataConfig:
+    """Where the examples come from, how they become tokens, and which tokens carry loss."""
+
+    train: str = option(
+        "trl-lib/Capybara",
+        "training data: a .csv/.tsv/.json/.jsonl/.parquet file, `package:<pkg>/<file>`, or a Hub dataset id",
+    )
+    validation: str | None = option(None, "validation file, or a split name of a Hub dataset; null = carve from train")
+    hub_config: str | None = option(None, "config name of a Hub dataset")
+    train_split: str = option("train", "split of a Hub dataset to train on")
+    validation_fraction: float = option(0.05, "share of train held out for validation when none is given", gt=0, lt=1)
+    split_seed: int = option(42, "seed of the random train/validation split")
+    format: Literal["auto", "chat", "prompt_completion", "text"] = option(
+        "auto",
+        "chat = a list of {role, content} messages; prompt_completion = a prompt and its completion; text = plain "
+        "text (continued pre-training); auto = chat if messages_column exists, else prompt_completion if "
+        "completion_column exists, else text",
+    )
+    messages_column: str = option("messages", "column holding a chat's list of {role, content} messages")
+    prompt_column: str = option("prompt", "column holding the prompt (format prompt_completion)")
+    completion_column: str = option("completion", "column holding the completion (format prompt_completion)")
+    prompt_template: str | None = option(
+        None,
+        "build the prompt from several columns, e.g. '{instruction}\\n\\n{input}\\n\\n' for an instruction/input/"
+        "output layout (then completion_column=output); null = use prompt_column",
+    )
+    text_column: str = option("text", "column holding the text (format text)")
+    chat_template: str | None = option(
+        None, "Jinja chat template (the template itself, or a path to a .jinja file); null = the tokenizer's"
+    )
+    train_on_prompt: bool = option(
+        False, "loss on every token; false = only completion/assistant tokens (prompt, system, user turns masked)"
+    )
+    max_length: int = option(1024, "tokens per example (or per packed row)", gt=1)
+    too_long: Literal["truncate", "drop"] = option(
+        "truncate", "examples longer than max_length: cut at max_length, or drop them (the run reports how many)"
+    )
+    packing: bool = option(
+        False, "pack several examples into each row of max_length tokens; attention stays within each example"
+    )
+    group_by_length: bool = option(
+        True, "train on batches of similar length (less padding, faster); ignored with packing"
+    )
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    """The optimisation: batch geometry (in examples, or packed rows), schedule, precision and memory levers."""
+
+    lr: float = option(2e-5, "peak learning rate of AdamW", gt=0)
+    chunked_loss: bool = option(
+        True,
+        "cross-entropy in chunks of target tokens from the last hidden states: the full (tokens x vocabulary) "
+        "fp32 logits never exist (large vocabularies: far less memory); same loss and gradients",
+    )
+
+
+@dataclass
+class SFTEvalConfig:
+    """Validation during and after training: loss and perplexity over every target token, and generations."""
+
+    every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
+    batch_size: int = option(16, "examples (or packed rows) per process per evaluation batch", ge=1)
+    num_generations: int = option(
+        4,
+        "greedy generations for the first N validation prompts at each evaluation (run dir generations/), "
+        "scored by exact_match; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens", ge=1)
+    metric_for_best: Literal["loss", "perplexity", "exact_match"] = option(
+        "loss", "metric that picks the best checkpoint: loss (lower is better), perplexity, or exact_match"
+    )
+
+
+@dataclass
+class SFTOutputConfig(OutputConfig):
+    """Where the run is written."""
+
+    dir: str = option("runs/sft", "output dir: final/, checkpoints/, generations/, metrics.jsonl, eval_results.json")
+
+
+@dataclass
+class SFTConfig:
+    """Config of recipes/sft.py: supervised fine-tuning of a causal language model."""
+
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: SFTOutputConfig = field(default_factory=SFTOutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each naming the keys involved."""
+        problems = []
+        if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
+            problems.append(
+                f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1"
+            )
+        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
+            problems.append(
+                "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
+                "micro-batch shrinks to fit in memory"
+            )
+        if self.output.overwrite and self.train.resume_from is not None:
+            problems.append(
+                f"output.overwrite=true and train.resume_from={self.train.resume_from} contradict each other: "
+                "overwrite starts afresh, resume continues; set one of them"
+            )
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
+        if self.data.format == "text" and self.eval.metric_for_best == "exact_match":
+            problems.append("eval.metric_for_best=exact_match needs prompts: data.format=text has none")
+        return problems
+
+    def metric_for_best(self) -> str:
+        return self.eval.metric_for_best

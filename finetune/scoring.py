@@ -31,11 +31,17 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from finetune.config import COMMAND_LINE, build_config, option, parse_argv, read_yaml
-from finetune.data import load_classification_data, make_dataloader, read_source, regression_labels, tokenize
+from finetune.classification import (
+    head_config,
+    load_classification_data,
+    padding_collator,
+    regression_labels,
+    tokenize,
+)
+from finetune.data import make_dataloader, read_source
 from finetune.errors import UserError, exit_on_user_error, first_line
 from finetune.evaluation import Predictions, classification_metrics, predict
 from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
-from finetune.modeling import head_config
 from finetune.recipe_configs import DataConfig
 from finetune.runs import write_json
 
@@ -295,7 +301,7 @@ def score_model(accelerator, model_info: ModelToScore, cfg: ScoreConfig, out_dir
     dataset = tokenize(Dataset.from_dict(columns), tokenizer, max_length)
     # Inference needs no DDP wrapper: the model is only placed; the loader is sharded over processes.
     model = model.to(accelerator.device)
-    loader = accelerator.prepare(make_dataloader(dataset, tokenizer, cfg.eval.batch_size, shuffle=False))
+    loader = accelerator.prepare(make_dataloader(dataset, cfg.eval.batch_size, padding_collator(tokenizer)))
     predictions = predict(accelerator, model, loader)
     accelerator.free_memory()  # drop Accelerate's reference to this loader before the next model
     if not accelerator.is_main_process:

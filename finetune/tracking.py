@@ -62,17 +62,20 @@ class RunLog:
 
 
 class Throughput:
-    """Training examples per second, per logging interval and over the whole run, without the time
-    spent in `paused()` blocks (evaluation)."""
+    """Training examples and tokens per second, per logging interval and over the whole run, without the
+    time spent in `paused()` blocks (evaluation, checkpoints). Token counts may be device tensors: they are
+    read back only when a rate is asked for."""
 
     def __init__(self) -> None:
         self.start = self.interval_start = time.perf_counter()
         self.examples = self.interval_examples = 0
+        self.tokens = self.interval_tokens = 0
         self.paused_s = self.interval_paused_s = 0.0
 
-    def add(self, examples: int) -> None:
+    def add(self, examples: int, tokens: int | torch.Tensor = 0) -> None:
         self.examples += examples
         self.interval_examples += examples
+        self.interval_tokens = self.interval_tokens + tokens
 
     @contextmanager
     def paused(self):
@@ -83,17 +86,26 @@ class Throughput:
             self.paused_s += time.perf_counter() - t0
             self.interval_paused_s += time.perf_counter() - t0
 
-    def pop(self) -> float:
-        """Examples per second since the last pop."""
+    def pop(self) -> dict[str, float]:
+        """Examples and tokens per second since the last pop."""
         now = time.perf_counter()
-        rate = self.interval_examples / max(now - self.interval_start - self.interval_paused_s, 1e-9)
-        self.interval_start, self.interval_examples, self.interval_paused_s = now, 0, 0.0
-        return rate
+        seconds = max(now - self.interval_start - self.interval_paused_s, 1e-9)
+        tokens = int(self.interval_tokens)
+        self.tokens += tokens
+        rates = {"samples_per_s": self.interval_examples / seconds, "tokens_per_s": tokens / seconds}
+        self.interval_start, self.interval_examples, self.interval_tokens, self.interval_paused_s = now, 0, 0, 0.0
+        return rates
 
     def summary(self) -> dict[str, float]:
-        """Whole-run training time (seconds, evaluation excluded) and examples per second."""
+        """Whole-run training time (seconds, evaluation excluded), examples and tokens per second."""
         seconds = time.perf_counter() - self.start - self.paused_s
-        return {"train_runtime_s": round(seconds, 3), "train_samples_per_s": self.examples / max(seconds, 1e-9)}
+        self.tokens += int(self.interval_tokens)
+        self.interval_tokens = 0
+        return {
+            "train_runtime_s": round(seconds, 3),
+            "train_samples_per_s": self.examples / max(seconds, 1e-9),
+            "train_tokens_per_s": self.tokens / max(seconds, 1e-9),
+        }
 
 
 def memory_mb(device: torch.device) -> dict[str, float | str]:

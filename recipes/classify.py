@@ -14,28 +14,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import datasets
-import torch
 import transformers
 from accelerate.utils import set_seed
 
-from finetune.accumulation import LossMeter, WindowBackward, count_label_terms, summed_classification_loss, windows
+from finetune.accumulation import count_label_terms
 from finetune.batching import find_micro_batch_size
 from finetune.checkpoints import (
     Progress,
-    StepFlags,
     config_changes,
     read_progress,
     refuse_changes,
     resolve_resume,
     resume,
-    resume_command,
     save_checkpoint,
-    seed_window,
     trim_metrics_log,
 )
+from finetune.classification import (
+    classification_loss,
+    load_classification_data,
+    load_classifier,
+    padding_collator,
+    tokenize,
+)
 from finetune.config import config_to_dict, load_config, save_config
-from finetune.data import load_classification_data, longest_batch, make_dataloader, tokenize
-from finetune.errors import UserError, exit_on_user_error
+from finetune.data import longest_batch, make_dataloader
+from finetune.errors import exit_on_user_error
 from finetune.evaluation import evaluate_classifier
 from finetune.fsdp import prepare_fsdp
 from finetune.launch import make_accelerator
@@ -45,7 +48,6 @@ from finetune.modeling import (
     apply_lora,
     check_lora_targets,
     check_max_length,
-    load_classifier,
     load_model_config,
     load_tokenizer,
     parameter_counts,
@@ -57,7 +59,8 @@ from finetune.optim import build_optimizer, build_scheduler, total_optimizer_ste
 from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
 from finetune.recipe_configs import ClassifyConfig
 from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
-from finetune.tracking import RunLog, Throughput, memory_mb
+from finetune.tracking import RunLog, memory_mb
+from finetune.training import StopSignals, TrainStep, every, stop_for_signal, training_windows
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
 
@@ -126,9 +129,9 @@ def main(argv: list[str]) -> None:
     with accelerator.main_process_first():
         train_set = tokenize(data.train, tokenizer, cfg.data.max_length)
         val_set = tokenize(data.validation, tokenizer, cfg.data.max_length)
+    collate = padding_collator(tokenizer)
     if geometry is None:  # micro_batch_size: auto
-        eval_batch = longest_batch(val_set, tokenizer, cfg.eval.batch_size, accelerator.device)
-        eval_batch.pop("labels")
+        eval_batch = longest_batch(val_set, collate, cfg.eval.batch_size, accelerator.device)
         geometry = find_micro_batch_size(
             accelerator,
             cfg.train.global_batch_size,
@@ -136,7 +139,7 @@ def main(argv: list[str]) -> None:
                 accelerator.unwrap_model(model),  # no all-reduce: each process rehearses on its own
                 optimizer,
                 classification_loss,
-                longest_batch(train_set, tokenizer, size, accelerator.device),
+                longest_batch(train_set, collate, size, accelerator.device),
                 steps,
                 eval_batch,
             ),
@@ -144,19 +147,20 @@ def main(argv: list[str]) -> None:
         accelerator.gradient_accumulation_steps = geometry.accumulation_steps
     train_loader = make_dataloader(
         train_set,
-        tokenizer,
         geometry.micro_batch_size,
+        collate,
         shuffle=True,
         num_workers=cfg.train.num_workers,
         group_by_length=cfg.data.group_by_length,
         seed=cfg.train.seed,
         global_batch_size=geometry.global_batch_size,
     )
-    val_loader = make_dataloader(val_set, tokenizer, cfg.eval.batch_size, shuffle=False)
+    val_loader = make_dataloader(val_set, cfg.eval.batch_size, collate)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
 
-    k = geometry.accumulation_steps
-    total_steps = total_optimizer_steps(len(train_loader), k, cfg.train.epochs, cfg.train.max_steps)
+    total_steps = total_optimizer_steps(
+        len(train_loader), geometry.accumulation_steps, cfg.train.epochs, cfg.train.max_steps
+    )
     scheduler = accelerator.prepare(
         build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
     )
@@ -167,14 +171,21 @@ def main(argv: list[str]) -> None:
 
     # ---- resume: weights, optimizer, scheduler, RNG; where in the data to continue
     progress = Progress(
-        num_processes=accelerator.num_processes, micro_batch_size=geometry.micro_batch_size, accumulation_steps=k
+        num_processes=accelerator.num_processes,
+        micro_batch_size=geometry.micro_batch_size,
+        accumulation_steps=geometry.accumulation_steps,
+        batches_per_epoch=len(train_loader),
     )
     if resume_dir is not None:
         progress = resume(accelerator, scheduler, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
-        log.info(
-            f"resumed from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
-            f"{progress.batches_into_epoch} batches into it"
+        log.info(f"resumed from {resume_dir}: step {progress.step}, {progress.epochs} epochs")
+
+    def evaluate() -> dict:
+        metrics = evaluate_classifier(
+            accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss
         )
+        log.log(progress.step, prefixed("eval", metrics))
+        return metrics
 
     def save(metrics: dict | None, reason: str) -> Path:
         return save_checkpoint(
@@ -188,123 +199,56 @@ def main(argv: list[str]) -> None:
             cfg.metric_for_best(),
         )
 
-    # ---- train
-    step, epoch = progress.step, progress.epoch
+    # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
     memory_before = memory_mb(accelerator.device)["now"]
-    loss_meter, throughput, flags = LossMeter(), Throughput(), StepFlags()
-    backward = WindowBackward(accelerator, classification_loss)
     lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
     warnings: list[str] = []
     log.start_progress(total_steps)
-    log.advance(step)
+    log.advance(progress.step)
     model.train()
-    while step < total_steps:
-        train_loader.set_epoch(epoch)
-        skip = progress.batches_into_epoch
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for window in windows(accelerator, batches, count_label_terms):
-            # Dropout masks from (seed, step) alone, so that a resumed run draws the same ones (finetune.checkpoints).
-            seed_window(cfg.train.seed, progress.step)
-            summed_loss = backward(model, window)
-            loss_meter.add(summed_loss, window)
-            throughput.add(sum(len(b["labels"]) for b in window.batches) * accelerator.num_processes)
-            progress.batches_into_epoch += window.size
-            for note in backward.notes:
-                log.info(f"step {step + 1}: {note}")
-            backward.notes.clear()
-            nonfinite, stop = flags.exchange(accelerator, torch.isfinite(summed_loss))
-            stop = stop and step + 1 < total_steps  # on the last step, finishing is the quickest way out
-            if nonfinite and cfg.train.on_nonfinite_loss == "stop":
-                raise UserError(
-                    f"the training loss is not finite (NaN or inf) at optimizer step {step + 1} "
-                    f"(epoch {epoch}). Lower train.lr, check the data, or set train.on_nonfinite_loss=skip."
-                )
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-            if nonfinite:
-                log.info(f"step {step + 1}: the loss is not finite; update skipped")
-            elif lost_updates is None:
-                optimizer.step()
-            elif warning := lost_updates.step(optimizer):  # pure bf16: measured on the first step
-                warnings.append(warning)
-                log.info(f"WARNING: {warning}")
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            progress.step, progress.samples_seen = step, progress.samples_seen + window.num_loss_terms
-            if progress.batches_into_epoch == len(train_loader):  # the window ended the epoch
-                progress.epoch, progress.batches_into_epoch = epoch + 1, 0
+    with StopSignals() as signals:
+        train_step = TrainStep(
+            accelerator, model, optimizer, scheduler, classification_loss, signals,
+            cfg.train.max_grad_norm, cfg.train.on_nonfinite_loss, lost_updates, log.info,
+        )  # fmt: skip
+        for window in training_windows(
+            accelerator, train_loader, progress, total_steps, count_label_terms, cfg.train.seed
+        ):
+            report = train_step(window, progress)
+            warnings += report.warnings
             log.advance()
-            if step % cfg.logging.every_n_steps == 0 or step == total_steps:
-                log.log(
-                    step,
-                    {
-                        "epoch": epoch,
-                        "loss": loss_meter.pop_mean(accelerator),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": as_float(grad_norm),
-                        "samples_per_s": throughput.pop(),
-                    },
-                )
-            metrics = None
-            checkpoint_now = step < total_steps and checkpoint_due(cfg, step, progress)  # final/ ends the run
-            if checkpoint_now or (step < total_steps and every(cfg.eval.every_n_steps, step)):
-                with throughput.paused():  # evaluation time is not training throughput
-                    metrics = evaluate_classifier(
-                        accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss
-                    )
-                log.log(step, prefixed("eval", metrics))
-            if stop or checkpoint_now:
-                with throughput.paused():
-                    saved_to = save(metrics, "preempted" if stop else "periodic")
-            if stop:
-                command = resume_command(sys.argv[0], argv, accelerator.num_processes)
-                log.info(f"stopped by {flags.name} after step {step}: checkpoint {saved_to}. {command}")
+            if every(cfg.logging.every_n_steps, progress.step) or progress.step == total_steps:
+                log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record()})
+            if progress.step == total_steps:
+                break  # the final evaluation and final/ end the run
+            checkpoint_now = every(cfg.checkpoint.every_n_steps, progress.step) or (
+                cfg.checkpoint.at_epoch_end and progress.epoch_ended
+            )
+            with train_step.paused():  # evaluation and checkpoints are not training throughput
+                metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
+                if checkpoint_now or report.stop:
+                    saved_to = save(metrics, "preempted" if report.stop else "periodic")
+            if report.stop:
                 log.close()
-                accelerator.end_training()
-                sys.exit(128 + flags.signal)
-            if step == total_steps:
-                break
-        epoch += 1
-    flags.restore()
+                stop_for_signal(accelerator, signals, progress, saved_to, argv, log.info)
 
     # ---- evaluate and save
     run_stats = {
-        **throughput.summary(),
+        **train_step.throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate_classifier(accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss)
-    log.log(step, prefixed("eval", metrics))
+    metrics = evaluate()
     log.close()
     save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
     warnings += [metrics.pop("warning")] if "warning" in metrics else []
     if accelerator.is_main_process:
-        results = {"step": step, "epoch": epoch, **metrics, **run_stats, "warnings": warnings}
+        results = {"step": progress.step, "epoch": progress.epochs, **metrics, **run_stats, "warnings": warnings}
         write_json(output_dir / "eval_results.json", results)
         scores = " ".join(f"{name}={metrics[name]:.4f}" for name in cfg.resolved_metrics())
         if warnings:  # a finished run that did not learn must not read like a success
             print("\n".join(["", "!" * 100, *(f"WARNING: {w}" for w in warnings), "!" * 100]), file=sys.stderr)
         print(f"done{' WITH WARNINGS' if warnings else ''}: {output_dir / 'final'} {scores}")
     accelerator.end_training()
-
-
-def every(n: int | None, step: int) -> bool:
-    return bool(n) and step % n == 0
-
-
-def checkpoint_due(cfg: ClassifyConfig, step: int, progress: Progress) -> bool:
-    """A periodic checkpoint after this step: every N steps, or at an epoch's end."""
-    epoch_ended = progress.batches_into_epoch == 0  # set to 0 when a window ends the epoch
-    return every(cfg.checkpoint.every_n_steps, step) or (cfg.checkpoint.at_epoch_end and epoch_ended)
-
-
-def classification_loss(model, batch: dict) -> torch.Tensor:
-    """Summed loss of a micro-batch: cross-entropy, or squared error for a regression head."""
-    inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
-    return summed_classification_loss(model(**inputs).logits, batch["labels"])
-
-
-def as_float(value) -> float:
-    return float("nan") if value is None else float(value)  # DeepSpeed has no norm before its first step
 
 
 def prefixed(prefix: str, metrics: dict) -> dict:

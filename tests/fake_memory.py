@@ -125,12 +125,12 @@ class FakeMemory:
 def fake_device_memory(monkeypatch, budget: float = float("inf")):
     """Run a recipe in-process under a FakeMemory: its model and optimizer counted, `auto` measuring it."""
     import finetune.batching
-    import finetune.modeling
+    import finetune.classification
     import finetune.optim
 
     meter = FakeMemory(budget)
-    load, build = finetune.modeling.load_classifier, finetune.optim.build_optimizer
-    monkeypatch.setattr(finetune.modeling, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
+    load, build = finetune.classification.load_classifier, finetune.optim.build_optimizer
+    monkeypatch.setattr(finetune.classification, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
     monkeypatch.setattr(finetune.optim, "build_optimizer", lambda *a, **k: meter.add_optimizer(build(*a, **k)))
     monkeypatch.setattr(finetune.batching, "DeviceMemory", lambda device: meter)
     with meter.counting():

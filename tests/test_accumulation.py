@@ -17,8 +17,9 @@ from finetune.accumulation import (
     summed_classification_loss,
     summed_next_token_loss,
 )
+from finetune.classification import load_classification_data, padding_collator, tokenize
 from finetune.config import build_config
-from finetune.data import load_classification_data, make_dataloader, tokenize
+from finetune.data import make_dataloader
 from finetune.launch import make_accelerator
 from finetune.recipe_configs import DataConfig, TrainConfig
 
@@ -73,7 +74,7 @@ def big_batch_gradients(
     grads, start = [], 0
     for size in window_examples:
         window = examples.select(range(start, start + size))
-        batch = next(iter(make_dataloader(window, tokenizer, size, False, pad_to_multiple_of=pad_to)))
+        batch = next(iter(make_dataloader(window, size, padding_collator(tokenizer, pad_to))))
         batch = {name: tensor.to(model.device) for name, tensor in batch.items()}  # the GPU, where there is one
         labels = batch.pop("labels")
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
@@ -104,7 +105,7 @@ def test_accumulated_gradient_equals_big_batch_gradient(k, dtype, pad_to, bound,
     examples, tokenizer = toy_examples  # 29 examples, micro-batches of 3: 10 micro-batches, the last of 2
     accelerator = fresh_accelerator(k)
     model = accelerator.prepare(tiny_classifier(tiny_bert).to(dtype))
-    loader = make_dataloader(examples, tokenizer, batch_size=3, shuffle=False, pad_to_multiple_of=pad_to)
+    loader = make_dataloader(examples, 3, padding_collator(tokenizer, pad_to))
     got = window_gradients(accelerator, model, loader)
     sizes = [3] * 9 + [2]
     window_examples = [sum(sizes[i : i + k]) for i in range(0, len(sizes), k)]
@@ -119,7 +120,7 @@ def test_dividing_by_k_is_wrong_for_a_short_window(tiny_bert, toy_examples):
     examples, tokenizer = toy_examples
     accelerator = fresh_accelerator(4)
     model = accelerator.prepare(tiny_classifier(tiny_bert))
-    loader = make_dataloader(examples, tokenizer, batch_size=3, shuffle=False, pad_to_multiple_of=32)
+    loader = make_dataloader(examples, 3, padding_collator(tokenizer, 32))
     naive = window_gradients(accelerator, model, loader, normalise=False)
     want = big_batch_gradients(model, examples, tokenizer, [12, 12, 5], pad_to=32)
     assert relative_difference(naive[0], want[0]) <= 5e-5  # full windows of equal batches: right

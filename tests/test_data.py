@@ -9,8 +9,9 @@ import pytest
 from conftest import keyword_rows, write_rows
 from transformers import AutoTokenizer
 
+from finetune.classification import load_classification_data, padding_collator, tokenize
 from finetune.config import build_config
-from finetune.data import load_classification_data, make_dataloader, read_source, tokenize
+from finetune.data import make_dataloader, read_source
 from finetune.errors import UserError
 from finetune.recipe_configs import DataConfig
 
@@ -142,7 +143,7 @@ def test_tokenize_truncates_and_collator_pads_per_batch(tiny_bert: Path, tmp_pat
     )
     ds = tokenize(data.train, tokenizer, max_length=8)
     assert [len(ids) for ids in ds["input_ids"]] == [3, 5, 8]  # [CLS] words [SEP], cut at 8
-    batches = list(make_dataloader(ds, tokenizer, batch_size=2, shuffle=False))
+    batches = list(make_dataloader(ds, 2, padding_collator(tokenizer)))
     assert batches[0]["input_ids"].shape == (2, 5)  # padded to its own longest, not to max_length
     assert batches[0]["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0]
     assert batches[1]["input_ids"].shape == (1, 8)

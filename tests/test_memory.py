@@ -20,8 +20,9 @@ from test_recipe_classify import recipe_main, toy_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from finetune.accumulation import Window, WindowBackward, summed_classification_loss
+from finetune.classification import load_classification_data, padding_collator, tokenize
 from finetune.config import build_config
-from finetune.data import load_classification_data, longest_batch, tokenize
+from finetune.data import longest_batch
 from finetune.errors import UserError
 from finetune.memory import materialise_optimizer_state, rehearse_step
 from finetune.optim import build_optimizer
@@ -90,7 +91,7 @@ def test_auto_chooses_a_micro_batch_whose_whole_step_fits_the_budget(
         build_config(DataConfig, [("t", {"train": str(toy_data["train"]), "validation": str(toy_data["validation"])})])
     )
     tokenizer = AutoTokenizer.from_pretrained(wide_bert)
-    batch = longest_batch(tokenize(data.train, tokenizer, 32), tokenizer, 16, torch.device("cpu"))
+    batch = longest_batch(tokenize(data.train, tokenizer, 32), padding_collator(tokenizer), 16, torch.device("cpu"))
     meter = FakeMemory()
     model = meter.add_model(AutoModelForSequenceClassification.from_pretrained(wide_bert, num_labels=3))
     model.train()

@@ -9,8 +9,9 @@ import pytest
 from conftest import CLASSIFY, launch, read_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from finetune.classification import load_classification_data, padding_collator, tokenize
 from finetune.config import build_config
-from finetune.data import load_classification_data, make_dataloader, tokenize
+from finetune.data import make_dataloader
 from finetune.evaluation import classification_metrics, predict
 from finetune.recipe_configs import DataConfig
 
@@ -52,7 +53,7 @@ def test_two_processes_score_each_validation_example_once(tiny_bert, toy_data, t
     )
     val = tokenize(load_classification_data(data_cfg).validation, tokenizer, 32)
     accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(make_dataloader(val, tokenizer, batch_size=5, shuffle=False))
+    loader = accelerator.prepare(make_dataloader(val, 5, padding_collator(tokenizer)))
     single = classification_metrics(predict(accelerator, accelerator.prepare(model), loader))
     assert single["num_examples"] == 37
     assert single["accuracy"] == results["accuracy"]

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from finetune.batching import BatchGeometry
+from finetune.classification import load_classifier
 from finetune.config import build_config
 from finetune.errors import UserError
 from finetune.launch import check_mixed_precision, reconcile_deepspeed
-from finetune.modeling import check_max_length, load_classifier, load_model_config, load_tokenizer, model_source
+from finetune.modeling import check_max_length, load_model_config, load_tokenizer, model_source
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.recipe_configs import ModelConfig, TrainConfig
 from finetune.runs import check_output_dir, clear_previous_run, replace_dir, write_json

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from test_recipe_classify import recipe_main, run_bad, toy_args
 from transformers import AutoModelForSequenceClassification
 
+from finetune.classification import load_classifier
 from finetune.errors import UserError
 from finetune.evaluation import Predictions, collapse_warning
-from finetune.modeling import load_classifier
 from finetune.precision import check_precision, check_trainable_dtypes
 from finetune.recipe_configs import ModelConfig
 

@@ -16,11 +16,10 @@ from scipy import stats
 from sklearn import metrics as skm
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
+from finetune.classification import load_classification_data, load_classifier
 from finetune.config import build_config
-from finetune.data import load_classification_data
 from finetune.errors import UserError
 from finetune.evaluation import Predictions, classification_metrics
-from finetune.modeling import load_classifier
 from finetune.recipe_configs import DataConfig, ModelConfig
 from finetune.scoring import main as score_main
 

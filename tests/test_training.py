@@ -1,0 +1,118 @@
+"""finetune.training in-process: one optimizer step over a window, the position record, the stop signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradientAccumulationPlugin
+from torch.utils.data import DataLoader
+
+from finetune.accumulation import count_label_terms, summed_classification_loss
+from finetune.checkpoints import Progress
+from finetune.errors import UserError
+from finetune.training import StopSignals, TrainStep, training_windows
+
+
+def make_accelerator(k: int) -> Accelerator:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    plugin = GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)
+    return Accelerator(cpu=True, gradient_accumulation_plugin=plugin)
+
+
+def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return summed_classification_loss(model(batch["input_ids"].float()), batch["labels"])
+
+
+def examples(n: int, seed: int = 0) -> list[dict]:
+    """`n` examples (4 features, 3 classes); about a quarter of the labels ignored (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.25] = -100
+    features = torch.randn(n, 4, generator=g)
+    return [{"input_ids": features[i], "labels": labels[i]} for i in range(n)]
+
+
+def loader(accelerator: Accelerator, data: list[dict], size: int):
+    return accelerator.prepare(DataLoader(data, batch_size=size))
+
+
+def run(k: int, data: list[dict], size: int, steps: int, **step_kwargs):
+    accelerator = make_accelerator(k)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_loader = loader(accelerator, data, size)
+    progress = Progress(accumulation_steps=k, batches_per_epoch=len(train_loader))
+    reports = []
+    with StopSignals() as signals:
+        train_step = TrainStep(accelerator, model, optimizer, scheduler, loss_fn, signals, info=print, **step_kwargs)
+        for window in training_windows(accelerator, train_loader, progress, steps, count_label_terms, seed=0):
+            reports.append(train_step(window, progress))
+    return model, progress, train_step, reports
+
+
+def test_a_window_of_k_micro_batches_steps_like_one_big_batch_with_clipping():
+    data = examples(24)
+    small, _, _, _ = run(4, data, 3, steps=2, max_grad_norm=0.05)
+    big, _, step, _ = run(1, data, 12, steps=2, max_grad_norm=0.05)
+    assert float(step.grad_norm) > 0.05, "clipping never acted: the test would not see clipping per micro-batch"
+    for a, b in zip(small.parameters(), big.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_progress_advances_through_epochs_and_the_log_record_is_the_true_mean():
+    data = examples(15)  # 5 micro-batches of 3, k=2: windows of 2, 2, 1 per epoch
+    _, progress, step, _ = run(2, data, 3, steps=4)
+    assert (progress.step, progress.epoch, progress.batches_into_epoch) == (4, 1, 2)
+    assert progress.epochs == pytest.approx(1.4)
+    labels = torch.stack([e["labels"] for e in data])
+    assert progress.samples_seen == int((labels != -100).sum() + (labels[:6] != -100).sum())  # an epoch + 1 window
+    record = step.log_record()
+    assert set(record) >= {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"}
+    assert record["lr"] == pytest.approx(0.5 * (1 - 0.1 * 4))
+
+
+def test_training_windows_continue_where_progress_stands():
+    data = examples(12)
+    accelerator = make_accelerator(2)
+    progress = Progress(step=1, batches_into_epoch=2, accumulation_steps=2, batches_per_epoch=6)
+    first = next(training_windows(accelerator, loader(accelerator, data, 2), progress, 3, count_label_terms, seed=0))
+    assert torch.equal(first.batches[0]["input_ids"], torch.stack([data[4]["input_ids"], data[5]["input_ids"]]))
+
+
+def test_a_nonfinite_loss_stops_by_default_and_is_skipped_on_request():
+    data = examples(12)
+    data[6]["input_ids"][0], data[6]["labels"] = float("nan"), torch.tensor(1)  # in window 2 (micro-batches of 3, k=2)
+    with pytest.raises(UserError, match="not finite.*optimizer step 2"):
+        run(2, data, 3, steps=2)
+    model, progress, _, reports = run(2, data, 3, steps=2, on_nonfinite="skip")
+    assert [r.skipped for r in reports] == [False, True]
+    before, _, _, _ = run(2, data, 3, steps=1)
+    for a, b in zip(model.parameters(), before.parameters(), strict=True):
+        assert torch.equal(a, b)  # the skipped step changed nothing
+    assert progress.step == 2  # but it counts as a step: the schedule and the data move on
+
+
+def test_a_signal_asks_for_a_stop_after_the_step_and_handlers_are_restored():
+    previous = signal.getsignal(signal.SIGTERM)
+    accelerator = make_accelerator(2)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    progress = Progress(accumulation_steps=2, batches_per_epoch=4)
+    with pytest.raises(RuntimeError, match="boom"), StopSignals() as signals:
+        train_step = TrainStep(accelerator, model, optimizer, scheduler, loss_fn, signals, info=print)
+        windows = training_windows(accelerator, loader(accelerator, examples(12), 3), progress, 2, count_label_terms, 0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        report = train_step(next(windows), progress)
+        assert report.stop and signals.name == "SIGTERM" and progress.step == 1
+        raise RuntimeError("boom")
+    assert signal.getsignal(signal.SIGTERM) is previous
