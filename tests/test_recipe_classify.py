@@ -83,7 +83,7 @@ def test_saved_config_reproduces_the_run(finished_run: Path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((finished_run / "eval_results.json").read_text())
     again = json.loads((rerun_dir / "eval_results.json").read_text())
-    run_stats = ("train_runtime_s", "train_samples_per_s", "memory_mb")  # of the machine, not of the result
+    run_stats = ("train_runtime_s", "train_samples_per_s", "train_tokens_per_s", "memory_mb")  # of the machine
     assert {k: v for k, v in again.items() if k not in run_stats} == {
         k: v for k, v in first.items() if k not in run_stats
     }

@@ -1,0 +1,288 @@
+"""Supervised fine-tuning of a causal language model on chats, prompt/completion pairs or plain text.
+
+    accelerate launch recipes/sft.py                                       # recipes/configs/sft/default.yaml
+    accelerate launch recipes/sft.py --config recipes/configs/sft/demo.yaml   # offline: learns a task from scratch
+    accelerate launch recipes/sft.py --help                                # every key, its type, default and doc
+
+Loss is on completion / assistant tokens only (data.train_on_prompt=true: on everything), each accumulation
+window normalised by its target tokens over all processes. How it runs (CPU, GPUs, DeepSpeed, FSDP, several
+machines) is the launcher's business: see accelerate_configs/.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import transformers
+from accelerate.utils import set_seed
+
+from finetune.accumulation import count_next_token_terms
+from finetune.batching import find_micro_batch_size
+from finetune.checkpoints import (
+    Progress,
+    config_changes,
+    read_progress,
+    refuse_changes,
+    resolve_resume,
+    resume,
+    save_checkpoint,
+    trim_metrics_log,
+)
+from finetune.config import config_to_dict, load_config, save_config
+from finetune.data import longest_batch, make_dataloader
+from finetune.errors import exit_on_user_error
+from finetune.fsdp import prepare_fsdp
+from finetune.launch import make_accelerator
+from finetune.lm_data import (
+    SFTCollator,
+    check_chat_template,
+    generation_prompts,
+    load_sft_data,
+    pack_examples,
+    tokenize_sft,
+)
+from finetune.lm_evaluation import evaluate_lm, generate_greedy, score_generations, write_generations
+from finetune.lm_loss import check_packing_supported, enable_chunked_loss, next_token_loss
+from finetune.memory import rehearse_step
+from finetune.modeling import (
+    apply_lora,
+    check_lora_targets,
+    check_max_length,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    parameter_counts,
+    save_final,
+    write_model,
+)
+from finetune.multinode import check_machines_agree
+from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
+from finetune.recipe_configs import SFTConfig
+from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
+from finetune.tracking import RunLog, memory_mb
+from finetune.training import StopSignals, TrainStep, every, stop_for_signal, training_windows
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
+
+
+def setup(argv: list[str]):
+    """Parse and check everything cheap — config, output dir, checkpoint to resume, data, chat template,
+    model limits, packing support — before any weights load."""
+    cfg = load_config(SFTConfig, argv, DEFAULT_CONFIG, prog="recipes/sft.py")
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    output_dir = Path(cfg.output.dir)
+    if cfg.train.resume_from == "latest" and is_finished(output_dir):  # e.g. a job requeued after it ended
+        print(f"{output_dir} holds a finished run: nothing to resume. Set output.overwrite=true to train again.")
+        sys.exit(0)
+    resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
+    check_output_dir(
+        output_dir,
+        cfg.output.overwrite,
+        resuming=resume_dir is not None,
+        fresh_if_unfinished=cfg.train.resume_from == "latest",
+    )
+    if resume_dir is not None and not cfg.train.resume_allow_changes:
+        refuse_changes(config_changes(resume_dir, config_to_dict(cfg)), resume_dir)
+    data = load_sft_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    check_chat_template(cfg.data, tokenizer, data.format)
+    model_config = load_model_config(cfg.model)
+    check_max_length(cfg.data.max_length, model_config, tokenizer)
+    check_lora_targets(cfg.lora, model_config, transformers.AutoModelForCausalLM)
+    accelerator, geometry = make_accelerator(cfg.train)
+    check_precision(cfg.train.weights_dtype, accelerator)
+    return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> None:
+    cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
+    check_machines_agree(accelerator, output_dir, config=config_to_dict(cfg), resume_from=resume_dir)
+    set_seed(cfg.train.seed)  # before the model: model.random_init draws its weights from it
+    if accelerator.is_main_process:
+        if resume_dir is not None:
+            trim_metrics_log(output_dir / "metrics.jsonl", read_progress(resume_dir).step)
+        else:
+            clear_previous_run(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        rerun = "accelerate launch recipes/sft.py --config <this file> output.dir=<new dir>"
+        save_config(cfg, output_dir / "config.yaml", header=f"Resolved config; rerun with:\n  {rerun}")
+    accelerator.wait_for_everyone()
+    log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
+
+    # ---- model
+    model = load_causal_lm(cfg.model, tokenizer, WEIGHT_DTYPES[cfg.train.weights_dtype])
+    # Flash kernels keep packed examples apart only in a batch of one row: the collator then flattens a batch.
+    flatten = cfg.data.packing and model.config._attn_implementation.startswith("flash_attention")
+    if cfg.data.packing:
+        check_packing_supported(model, rows_per_batch=1 if flatten else None)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
+    if cfg.train.chunked_loss:
+        enable_chunked_loss(model)
+    check_trainable_dtypes(model, cfg.train.weights_dtype)
+    trainable, total = parameter_counts(model)
+    log.info(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
+    prepare_fsdp(accelerator, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # ---- data: tokens, targets masked, packed into rows of data.max_length if asked
+    with accelerator.main_process_first():
+        train_set, train_report = tokenize_sft(data.train, tokenizer, cfg.data)
+        val_set, val_report = tokenize_sft(data.validation, tokenizer, cfg.data)
+        if cfg.data.packing:
+            train_set, val_set = (
+                pack_examples(train_set, cfg.data.max_length),
+                pack_examples(val_set, cfg.data.max_length),
+            )
+    log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
+    collate = SFTCollator.for_tokenizer(tokenizer, flatten=flatten)
+    if geometry is None:  # micro_batch_size: auto
+        eval_batch = longest_batch(val_set, collate, cfg.eval.batch_size, accelerator.device)
+        geometry = find_micro_batch_size(
+            accelerator,
+            cfg.train.global_batch_size,
+            lambda size, steps: rehearse_step(
+                accelerator.unwrap_model(model),
+                optimizer,
+                next_token_loss,
+                longest_batch(train_set, collate, size, accelerator.device),
+                steps,
+                eval_batch,
+            ),
+        )
+        accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    train_loader = make_dataloader(
+        train_set,
+        geometry.micro_batch_size,
+        collate,
+        shuffle=True,
+        num_workers=cfg.train.num_workers,
+        group_by_length=cfg.data.group_by_length and not cfg.data.packing,
+        seed=cfg.train.seed,
+        global_batch_size=geometry.global_batch_size,
+    )
+    train_loader = accelerator.prepare(train_loader)
+    val_loader = make_dataloader(val_set, cfg.eval.batch_size, collate)  # not prepared: each token counted once
+    prompts = generation_prompts(data.validation, tokenizer, cfg.eval.num_generations)
+
+    total_steps = total_optimizer_steps(
+        len(train_loader), geometry.accumulation_steps, cfg.train.epochs, cfg.train.max_steps
+    )
+    scheduler = accelerator.prepare(
+        build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
+    )
+    rows = "packed rows of " + str(cfg.data.max_length) if cfg.data.packing else "examples"
+    log.info(
+        f"{len(train_set)} train / {len(val_set)} validation {rows}; {geometry.describe()}; "
+        f"{total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
+    )
+
+    # ---- resume: weights, optimizer, scheduler, RNG; where in the data to continue
+    progress = Progress(
+        num_processes=accelerator.num_processes,
+        micro_batch_size=geometry.micro_batch_size,
+        accumulation_steps=geometry.accumulation_steps,
+        batches_per_epoch=len(train_loader),
+    )
+    if resume_dir is not None:
+        progress = resume(accelerator, scheduler, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
+        log.info(f"resumed from {resume_dir}: step {progress.step}, {progress.epochs} epochs")
+
+    def evaluate() -> dict:
+        metrics = evaluate_lm(accelerator, model, val_loader, next_token_loss, cfg.train.on_nonfinite_loss)
+        completions = generate_greedy(
+            accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        metrics.update(score_generations(prompts, completions))
+        if accelerator.is_main_process and prompts:
+            write_generations(
+                output_dir / "generations" / f"step_{progress.step:06d}.jsonl", progress.step, prompts, completions
+            )
+        log.log(progress.step, {f"eval_{name}": value for name, value in metrics.items()})
+        return metrics
+
+    def save(metrics: dict | None, reason: str) -> Path:
+        return save_checkpoint(
+            accelerator,
+            scheduler,
+            output_dir,
+            replace(progress, metrics=metrics, reason=reason),
+            cfg,
+            lambda target: write_model(accelerator, model, tokenizer, target, cfg.data.max_length, merge_lora=False),
+            cfg.checkpoint.keep_last,
+            cfg.metric_for_best(),
+        )
+
+    # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
+    memory_before = memory_mb(accelerator.device)["now"]
+    lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
+    warnings: list[str] = []
+    log.start_progress(total_steps)
+    log.advance(progress.step)
+    model.train()
+    with StopSignals() as signals:
+        train_step = TrainStep(
+            accelerator, model, optimizer, scheduler, next_token_loss, signals,
+            cfg.train.max_grad_norm, cfg.train.on_nonfinite_loss, lost_updates, log.info,
+        )  # fmt: skip
+        for window in training_windows(
+            accelerator, train_loader, progress, total_steps, count_next_token_terms, cfg.train.seed
+        ):
+            report = train_step(window, progress)
+            warnings += report.warnings
+            log.advance()
+            if every(cfg.logging.every_n_steps, progress.step) or progress.step == total_steps:
+                log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record()})
+            if progress.step == total_steps:
+                break  # the final evaluation and final/ end the run
+            checkpoint_now = every(cfg.checkpoint.every_n_steps, progress.step) or (
+                cfg.checkpoint.at_epoch_end and progress.epoch_ended
+            )
+            with train_step.paused():  # evaluation and checkpoints are not training throughput
+                metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
+                if checkpoint_now or report.stop:
+                    saved_to = save(metrics, "preempted" if report.stop else "periodic")
+            if report.stop:
+                log.close()
+                stop_for_signal(accelerator, signals, progress, saved_to, argv, log.info)
+
+    # ---- evaluate and save
+    run_stats = {
+        **train_step.throughput.summary(),
+        "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
+    }
+    metrics = evaluate()
+    log.close()
+    save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
+    warnings += [metrics.pop("warning")] if "warning" in metrics else []
+    if accelerator.is_main_process:
+        data_stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
+        results = {
+            "step": progress.step,
+            "epoch": progress.epochs,
+            **metrics,
+            **run_stats,
+            **data_stats,
+            "warnings": warnings,
+        }
+        write_json(output_dir / "eval_results.json", results)
+        scores = " ".join(
+            f"{name}={metrics[name]:.4f}" for name in ("loss", "perplexity", "exact_match") if name in metrics
+        )
+        if warnings:
+            print("\n".join(["", "!" * 100, *(f"WARNING: {w}" for w in warnings), "!" * 100]), file=sys.stderr)
+        print(f"done{' WITH WARNINGS' if warnings else ''}: {output_dir / 'final'} {scores}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
