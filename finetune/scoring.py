@@ -2,13 +2,33 @@
 
     finetune-eval runs/classify                        # every checkpoint and final/, on the run's validation data
     finetune-eval runs/classify/final data.validation=other.csv data.text_column=sentence
+    finetune-eval runs/sft                             # a causal LM run: loss and perplexity, leaderboard by loss
+    finetune-eval runs/sft/checkpoints/step_000200 data.validation=held_out.jsonl eval.num_generations=50
+    finetune-eval runs/sft/final data.validation=qa.jsonl data.format=prompt_completion data.max_length=2048
     accelerate launch -m finetune.scoring runs/classify   # several processes: each example scored once
 
+The kind of model is read from its config.json (`architectures`: *ForCausalLM is a causal LM, as is a model
+type of AutoModelForCausalLM when no architecture is named) or from the run's config.yaml:
+
+- classifiers (recipes/classify.py) by accuracy, F1 (regression: pearson, spearman, mse) and loss;
+- causal LMs (recipes/sft.py) by loss per target token and perplexity, summed over every target token once
+  (the tokens training puts loss on: data.train_on_prompt and the rest of the run's data keys), and with
+  eval.num_generations=N by exact_match of greedy generations for the first N prompts.
+
+Models are scored in fp32 by the code training evaluates with (finetune.evaluation.predict,
+finetune.lm_evaluation.evaluate_lm): a final/ scores as the run's eval_results.json reports (up to the
+rounding of mixed precision, when the run trained under it).
+
 Data keys are the recipe's (`data.*`); without overrides the run's own validation data is used, read from
-the run's saved config.yaml. Writes, per model: eval_results.json, predictions.jsonl, and for a classifier
-per_class.csv and confusion_matrix.png; for a run, a leaderboard (leaderboard.csv / .json) sorted by
-`eval.metric_for_best`. A model dir may be a full model (config.json + weights) or a peft adapter
-(adapter_config.json + adapter_model.safetensors, as a LoRA run's checkpoints hold).
+the run's saved config.yaml (a path given on the command line, such as data.validation, overrides it). Writes,
+per model: eval_results.json, and for a classifier predictions.jsonl, per_class.csv and confusion_matrix.png,
+for a causal LM generations.jsonl (with eval.num_generations > 0); for a run, a leaderboard (leaderboard.csv /
+.json) sorted by `eval.metric_for_best` (a causal LM's default: the run's choice, else loss; lower is better).
+Results go to <given path>/eval (for a run: one sub-dir per model), or output.dir. A model dir may be a full
+model (config.json + weights) or a peft adapter (adapter_config.json + adapter_model.safetensors, as a LoRA
+run's checkpoints hold), loaded on its base model: the adapter's base_model_name_or_path or the run's
+model.name_or_path, or model.name_or_path=... given here. The adapters of a model.random_init run cannot be
+scored: their base weights were never saved (its final/ holds the merged model and can be).
 """
 
 from __future__ import annotations
@@ -18,8 +38,9 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -30,19 +51,28 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from finetune.config import COMMAND_LINE, build_config, option, parse_argv, read_yaml
-from finetune.classification import (
-    head_config,
-    load_classification_data,
-    padding_collator,
-    regression_labels,
-    tokenize,
-)
-from finetune.data import make_dataloader, read_source
-from finetune.errors import UserError, exit_on_user_error, first_line
+from finetune.classification import head_config, load_classification_data, padding_collator, regression_labels, tokenize
+from finetune.config import COMMAND_LINE, build_config, describe_type, option, parse_argv, read_yaml, schema_keys
+from finetune.data import is_hub_dataset, make_dataloader, read_source, read_validation
+from finetune.errors import UserError, exit_on_user_error, first_line, is_rank_zero
 from finetune.evaluation import Predictions, classification_metrics, predict
+from finetune.lm_data import (
+    SFTCollator,
+    check_chat_template,
+    data_format,
+    generation_prompts,
+    load_sft_data,
+    normalise,
+    pack_examples,
+    resolve_format,
+    tokenize_sft,
+)
+from finetune.lm_evaluation import evaluate_lm, generate_greedy, score_generations, write_generations
+from finetune.lm_loss import check_packing_supported, enable_chunked_loss, next_token_loss
 from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
-from finetune.recipe_configs import DataConfig
+from finetune.modeling import load_causal_lm, load_tokenizer
+from finetune.paths import local_path, looks_like_path
+from finetune.recipe_configs import DataConfig, SFTDataConfig, SFTModelConfig
 from finetune.runs import write_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -378,6 +408,338 @@ def write_per_class(out_dir: Path, gold: np.ndarray, predicted: np.ndarray, id2l
     plt.close(display.figure_)
 
 
+# --------------------------------------------------------------------------------------------
+# Causal language models (recipes/sft.py)
+# --------------------------------------------------------------------------------------------
+
+CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+BASE_WEIGHT_FILES = (*WEIGHT_FILES, "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class ScoreLMModelConfig:
+    """How a causal LM loads; a run's model.* keys by default."""
+
+    name_or_path: str | None = option(
+        None,
+        "base model of a LoRA adapter; null = the adapter's base_model_name_or_path (or the run's model.name_or_path "
+        "when that one is not a local dir)",
+    )
+    revision: str | None = option(None, "Hub revision of the base model of an adapter")
+    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+    random_init: bool = option(
+        False, "the run built its base model with random weights, never saved: its LoRA adapters cannot be scored"
+    )
+    attn_implementation: str | None = option(None, "sdpa, eager, flash_attention_2, ...; null = transformers' default")
+
+
+@dataclass
+class ScoreLMEvalConfig:
+    """What to compute for a causal LM."""
+
+    batch_size: int = option(16, "examples (or packed rows) per process per batch; a run's eval.batch_size", ge=1)
+    num_generations: int = option(
+        0,
+        "greedy generations for the first N prompts, scored by exact_match and written to generations.jsonl; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens; a run's eval.max_new_tokens", ge=1)
+    metric_for_best: Literal["loss", "perplexity", "exact_match"] | None = option(
+        None,
+        "metric that orders the leaderboard of a run; null = the run's eval.metric_for_best (exact_match only with "
+        "eval.num_generations > 0), else loss",
+    )
+    chunked_loss: bool = option(
+        True,
+        "the loss from the hidden states chunk by chunk, without (tokens x vocabulary) logits: the same loss, less "
+        "memory; a run's train.chunked_loss",
+    )
+
+
+@dataclass
+class ScoreLMConfig:
+    """Config of finetune-eval for causal LMs."""
+
+    model: ScoreLMModelConfig = field(default_factory=ScoreLMModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    eval: ScoreLMEvalConfig = field(default_factory=ScoreLMEvalConfig)
+    output: ScoreOutputConfig = field(default_factory=ScoreOutputConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs generations: set eval.num_generations > 0")
+        if self.data.format == "text" and (self.eval.num_generations or self.eval.metric_for_best == "exact_match"):
+            problems.append("eval.num_generations / exact_match need prompts: data.format=text has none")
+        return problems
+
+
+def is_causal_lm_architecture(name: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+    return name.endswith("ForCausalLM") or name in names
+
+
+def is_sft_config(saved: dict) -> bool:
+    """A run's config.yaml written by recipes/sft.py (its data and train keys are the SFT recipe's)."""
+    data, train = saved.get("data") or {}, saved.get("train") or {}
+    return "format" in data or "train_on_prompt" in data or "chunked_loss" in train
+
+
+def model_kind(path: Path, saved: dict | None) -> str:
+    """CAUSAL_LM or CLASSIFIER: by the architectures of the model's config.json, else by the run's config.yaml,
+    else by the adapter's peft task type, else by the config's model_type (a model type of AutoModelForCausalLM)."""
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    architectures = config.get("architectures") or []
+    if architectures:
+        return CAUSAL_LM if any(is_causal_lm_architecture(a) for a in architectures) else CLASSIFIER
+    if saved is not None:
+        return CAUSAL_LM if is_sft_config(saved) else CLASSIFIER
+    if (path / ADAPTER_CONFIG).is_file():
+        task_type = json.loads((path / ADAPTER_CONFIG).read_text()).get("task_type")
+        if task_type in ("CAUSAL_LM", "SEQ_CLS"):
+            return CAUSAL_LM if task_type == "CAUSAL_LM" else CLASSIFIER
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return CAUSAL_LM if config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else CLASSIFIER
+
+
+def _known(mapping: dict | None, schema: type) -> dict:
+    """The entries of a saved config group that `schema` has (a config.yaml of another version may hold more)."""
+    keys = {f.name for f in fields(schema)}
+    return {k: v for k, v in (mapping or {}).items() if k in keys}
+
+
+def load_lm_config(run_dir: Path | None, saved: dict | None, overrides: list[tuple[str, str]]) -> ScoreLMConfig:
+    """Defaults < the run's model, data and evaluation keys < the command line."""
+    sources = []
+    if saved is not None:
+        eval_saved = {k: v for k, v in (saved.get("eval") or {}).items() if k in ("batch_size", "max_new_tokens")}
+        if "chunked_loss" in (saved.get("train") or {}):
+            eval_saved["chunked_loss"] = saved["train"]["chunked_loss"]
+        run = {
+            "model": _known(saved.get("model"), ScoreLMModelConfig),
+            "data": _known(saved.get("data"), SFTDataConfig),
+            "eval": eval_saved,
+        }
+        sources.append((str(run_dir / "config.yaml"), run))
+    sources.append((COMMAND_LINE, dict(overrides)))
+    return build_config(ScoreLMConfig, sources)
+
+
+def lm_metric_for_best(cfg: ScoreLMConfig, saved: dict | None) -> str:
+    """eval.metric_for_best, else the run's (exact_match only when generations are asked for), else loss."""
+    if cfg.eval.metric_for_best:
+        return cfg.eval.metric_for_best
+    run_choice = ((saved or {}).get("eval") or {}).get("metric_for_best")
+    if run_choice in ("loss", "perplexity") or (run_choice == "exact_match" and cfg.eval.num_generations):
+        return run_choice
+    return "loss"
+
+
+def load_lm_examples(data: SFTDataConfig, have_source: bool) -> Dataset:
+    """The examples to score, normalised as `finetune.lm_data.load_sft_data` normalises them.
+
+    data.validation is read as a file when it is a local path (else as a split of data.train's Hub dataset, as
+    training reads it); without data.validation, the run's validation split is carved from data.train again
+    (same data.validation_fraction and data.split_seed)."""
+    if data.validation is None:
+        if not have_source:
+            raise UserError(
+                "no data to score on: give data.validation=<file> (.jsonl, .json, .csv, .tsv or .parquet of chats, "
+                "prompt/completion pairs or text); a model outside a run dir has no config.yaml to take it from."
+            )
+        return load_sft_data(data).validation
+    key = f"data.validation ({data.validation})"
+    spec = data.validation
+    is_file = local_path(spec, "data.validation") is not None or looks_like_path(spec)
+    if not is_file and is_hub_dataset(data.train, "data.train"):
+        rows = read_validation(data)  # a split of the run's Hub dataset
+    else:
+        rows = read_source(spec, "data.validation")
+    return normalise(rows, resolve_format(rows.column_names, data, key), data, key)
+
+
+def lm_adapter_base(path: Path, cfg: ScoreLMConfig, base_given: bool) -> str:
+    """The base model to load an adapter onto: model.name_or_path given on the command line, else the adapter's
+    base_model_name_or_path when it is a local dir (or there is no other), else the run's model.name_or_path."""
+    if base_given:
+        return cfg.model.name_or_path
+    if cfg.model.random_init:
+        raise UserError(random_init_adapter_message(path))
+    recorded = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    candidates = [c for c in (recorded, cfg.model.name_or_path) if c]
+    if not candidates:
+        raise UserError(
+            f"{path}: the adapter names no base model (base_model_name_or_path); give it: model.name_or_path=<base>."
+        )
+    base = next((c for c in candidates if local_path(c, "model.name_or_path") is not None), candidates[0])
+    where = local_path(base, "model.name_or_path")
+    if where is not None and where.is_dir() and not any((where / name).is_file() for name in BASE_WEIGHT_FILES):
+        raise UserError(
+            f"{path}: the adapter's base model {base} holds no weights (a config.json only, as for model.random_init): "
+            "the base the adapter was trained on cannot be loaded. Give it with model.name_or_path=<base>."
+        )
+    return base
+
+
+def random_init_adapter_message(path: Path) -> str:
+    return (
+        f"{path} is a LoRA adapter of a model.random_init run: its base model's random weights were never saved, so "
+        "it cannot be scored. Score the run's final/ (saved with the adapter merged in), or train with "
+        "lora.enabled=false to get full checkpoints."
+    )
+
+
+def load_lm(path: Path, cfg: ScoreLMConfig, base_given: bool):
+    """(tokenizer, model in fp32) of a full model dir, or of a peft adapter on its base model, by
+    `finetune.modeling.load_causal_lm` as training loads it."""
+    model_cfg = SFTModelConfig(
+        name_or_path=str(path),
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    if is_full_model_dir(path):
+        tokenizer = load_tokenizer(model_cfg)
+        return tokenizer, load_causal_lm(model_cfg, tokenizer, torch.float32)
+    base_cfg = replace(model_cfg, name_or_path=lm_adapter_base(path, cfg, base_given), revision=cfg.model.revision)
+    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(model_cfg if has_tokenizer else base_cfg)
+    model = load_causal_lm(base_cfg, tokenizer, torch.float32)
+    try:
+        model.load_adapter(str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"{path}: could not load the adapter onto {base_cfg.name_or_path}: {first_line(err)}") from None
+    return tokenizer, model
+
+
+def check_lm_max_length(max_length: int, config) -> None:
+    """data.max_length within the model's position embeddings (the saved tokenizer's limit is training's
+    max_length, which scoring may exceed)."""
+    limits = [
+        int(x) for x in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None)) if x
+    ]
+    if limits and max_length > min(limits):
+        raise UserError(f"data.max_length={max_length} is above the model's limit of {min(limits)} tokens.")
+
+
+def token_fingerprint(ds: Dataset) -> str:
+    """Hash of the scored tokens and their targets."""
+    table = ds.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
+    digest = hashlib.sha256()
+    for name in ("input_ids", "labels"):
+        column = table.column(name).combine_chunks()
+        digest.update(np.asarray(column.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+        digest.update(np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def score_causal_lm(
+    accelerator, model_info: ModelToScore, cfg: ScoreLMConfig, examples: Dataset, out_dir: Path, base_given: bool
+) -> dict | None:
+    """Loss, perplexity (and exact_match) of one causal LM, by the recipe's evaluation on every process; the main
+    process writes eval_results.json (and generations.jsonl) and returns the results."""
+    tokenizer, model = load_lm(model_info.path, cfg, base_given)
+    fmt = data_format(examples)
+    check_chat_template(cfg.data, tokenizer, fmt)
+    check_lm_max_length(cfg.data.max_length, model.config)
+    dataset, report = tokenize_sft(examples, tokenizer, cfg.data)
+    if len(dataset) == 0:
+        raise UserError(f"no example left to score: {report.describe()}. Check data.max_length and the data.")
+    data_fingerprint = token_fingerprint(dataset)
+    flatten = cfg.data.packing and (cfg.model.attn_implementation or "").startswith("flash_attention")
+    if cfg.data.packing:
+        check_packing_supported(model)
+        dataset = pack_examples(dataset, cfg.data.max_length)
+    if cfg.eval.chunked_loss:
+        try:
+            enable_chunked_loss(model)
+        except UserError:  # a model whose logits the chunked loss cannot reproduce: the plain loss is the same
+            pass
+    model = model.to(accelerator.device)  # no DDP wrapper: nothing trains; the batches are split over processes
+    loader = make_dataloader(dataset, cfg.eval.batch_size, SFTCollator.for_tokenizer(tokenizer, flatten=flatten))
+    metrics = evaluate_lm(accelerator, model, loader, next_token_loss, on_nonfinite="warn")
+    prompts = generation_prompts(examples, tokenizer, cfg.eval.num_generations)
+    completions = generate_greedy(accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    metrics.update(score_generations(prompts, completions))
+    warning = metrics.pop("warning", None)
+    if not accelerator.is_main_process:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if prompts:
+        write_generations(out_dir / "generations.jsonl", model_info.step, prompts, completions)
+    results = {
+        "model_path": str(model_info.path),
+        "step": model_info.step,
+        **metrics,
+        "num_examples": report.kept,
+        "data": report.describe(),
+        "data_fingerprint": data_fingerprint,
+        "warnings": [warning] if warning else [],
+    }
+    write_json(out_dir / "eval_results.json", results)
+    if warning:
+        print(f"WARNING: {model_info.name}: {warning}", file=sys.stderr)
+    return results
+
+
+def saved_max_length(path: Path, default: int) -> int:
+    """The max_length training saved as the tokenizer's model_max_length (see `write_model`), else `default`."""
+    config = path / "tokenizer_config.json"
+    limit = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    return int(limit) if isinstance(limit, (int, float)) and 1 < limit < 10**9 else default
+
+
+def scorable_lms(models: list[ModelToScore], cfg: ScoreLMConfig, base_given: bool) -> list[ModelToScore]:
+    """The models that can be scored: not the adapters of a model.random_init run (said on stderr, or an error
+    when nothing else is left)."""
+    if not cfg.model.random_init or base_given:
+        return models
+    adapters = [m for m in models if not is_full_model_dir(m.path)]
+    if len(adapters) == len(models):
+        raise UserError(random_init_adapter_message(models[0].path if len(models) == 1 else models[0].path.parent))
+    if adapters and is_rank_zero():
+        names = ", ".join(m.name for m in adapters)
+        print(
+            f"skipped {names}: LoRA adapters of a model.random_init run (its base model's random weights were never "
+            "saved) cannot be scored",
+            file=sys.stderr,
+        )
+    return [m for m in models if is_full_model_dir(m.path)]
+
+
+def score_causal_lms(
+    path: Path, models: list[ModelToScore], run_dir: Path | None, saved: dict | None, overrides: list
+) -> None:
+    """finetune-eval for causal LMs: every model on the same examples; a leaderboard for a run."""
+    cfg = load_lm_config(run_dir, saved, overrides)
+    given = {key for key, _ in overrides}
+    base_given = "model.name_or_path" in given and bool(cfg.model.name_or_path)
+    models = scorable_lms(models, cfg, base_given)
+    metric_for_best = lm_metric_for_best(cfg, saved)
+    if run_dir is None and "data.max_length" not in given:  # an exported model: its tokenizer holds training's
+        cfg = replace(cfg, data=replace(cfg.data, max_length=saved_max_length(models[0].path, cfg.data.max_length)))
+    examples = load_lm_examples(cfg.data, have_source=run_dir is not None or "data.train" in given)
+    scored_a_run = run_dir is not None and path.resolve() == run_dir.resolve()
+    base = Path(cfg.output.dir) if cfg.output.dir else path / "eval"
+    shown = ("loss", "perplexity", "tokens", "exact_match")
+
+    accelerator = Accelerator()
+    rows = []
+    for model_info in models:
+        out_dir = base / model_info.name if scored_a_run else base
+        results = score_causal_lm(accelerator, model_info, cfg, examples, out_dir, base_given)
+        if results is not None:
+            rows.append({"model": model_info.name, **results})
+            print(f"{model_info.name}: " + format_scores(results, shown))
+    if accelerator.is_main_process and scored_a_run and rows:
+        keys = ["model", "step", *(k for k in shown if k in rows[0]), "best"]
+        write_leaderboard(base, rows, metric_for_best, keys)
+    accelerator.end_training()
+
+
 def leaderboard(rows: list[dict], metric: str) -> list[dict]:
     """Rows sorted best first by `metric`, NaN last (the correlation of a model that predicts a constant); the
     best marked."""
@@ -388,11 +750,52 @@ def leaderboard(rows: list[dict], metric: str) -> list[dict]:
     return ranked
 
 
+def write_leaderboard(base: Path, rows: list[dict], metric: str, keys: list[str]) -> None:
+    """leaderboard.json / .csv of a run's models, best first by `metric`, and the table on stdout."""
+    ranked = leaderboard(rows, metric)
+    write_json(base / "leaderboard.json", ranked)
+    with (base / "leaderboard.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ranked)
+    print(f"\nleaderboard by {metric} ({base / 'leaderboard.csv'}):")
+    print(" | ".join(keys))
+    for row in ranked:
+        print(
+            " | ".join(f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys)
+            + (" *" if row["best"] else "")
+        )
+
+
+def format_scores(results: dict, keys) -> str:
+    shown = {k: results[k] for k in keys if k in results}
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+
+def usage() -> str:
+    """--help: the module doc and the keys of each kind of model (data.* keys are the recipe's)."""
+    lines = [(__doc__ or "").rstrip(), "", "Keys (key=value) besides the recipe's data.* keys:"]
+    for title, schema in (("classifier", ScoreConfig), ("causal LM", ScoreLMConfig)):
+        lines += ["", f"{title}:"]
+        for key in schema_keys(schema).values():
+            if key.dotted.startswith("data."):
+                continue
+            default = "null" if key.default is None else key.default
+            lines.append(f"  {key.dotted}  ({describe_type(key.type)}, default: {default})")
+            lines.append(f"      {key.help}")
+    lines += [
+        "",
+        "data.*: classifier keys as `accelerate launch recipes/classify.py --help` lists them, causal LM keys as "
+        "`accelerate launch recipes/sft.py --help` does.",
+    ]
+    return "\n".join(lines)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage())
         raise SystemExit(0 if argv else 2)
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()  # one bar per model loaded would drown the scores
@@ -400,7 +803,12 @@ def main(argv: list[str] | None = None) -> None:
     if path.is_symlink():  # checkpoints/best: score (and name) the checkpoint it points to
         path = path.resolve()
     models, run_dir = find_models(path)
-    cfg = load_config_for(run_dir, parse_argv(rest).overrides)
+    overrides = parse_argv(rest).overrides
+    saved = read_yaml(run_dir / "config.yaml") if run_dir is not None else None
+    if model_kind(models[0].path, saved) == "causal_lm":
+        score_causal_lms(path, models, run_dir, saved, overrides)
+        return
+    cfg = load_config_for(run_dir, overrides)
     # The models of a run share one head: its task picks the default metrics and the leaderboard's.
     metrics, metric_for_best = cfg.metrics_for(is_regression_head(read_head(models[0].path, cfg.data)))
     scored_a_run = run_dir is not None and path.resolve() == run_dir.resolve()
@@ -413,26 +821,9 @@ def main(argv: list[str] | None = None) -> None:
         results = score_model(accelerator, model_info, cfg, out_dir)
         if results is not None:
             rows.append({"model": model_info.name, **results})
-            shown = {k: results[k] for k in (*metrics, "num_examples") if k in results}
-            print(
-                f"{model_info.name}: "
-                + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-            )
+            print(f"{model_info.name}: " + format_scores(results, (*metrics, "num_examples")))
     if accelerator.is_main_process and scored_a_run and rows and metric_for_best in rows[0]:
-        ranked = leaderboard(rows, metric_for_best)
-        write_json(base / "leaderboard.json", ranked)
-        keys = ["model", "step", *metrics, "loss", "best"]
-        with (base / "leaderboard.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(ranked)
-        print(f"\nleaderboard by {metric_for_best} ({base / 'leaderboard.csv'}):")
-        print(" | ".join(keys))
-        for row in ranked:
-            print(
-                " | ".join(f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in keys)
-                + (" *" if row["best"] else "")
-            )
+        write_leaderboard(base, rows, metric_for_best, ["model", "step", *metrics, "loss", "best"])
     accelerator.end_training()
 
 
