@@ -9,10 +9,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO
 
 from finetune.config import load_config
-from finetune.recipe_configs import ClassifyConfig
+from finetune.recipe_configs import ClassifyConfig, SFTConfig
 
 # recipes/configs/<recipe>/*.yaml -> the schema of recipes/<recipe>.py
-RECIPE_SCHEMAS = {"classify": ClassifyConfig}
+RECIPE_SCHEMAS = {"classify": ClassifyConfig, "sft": SFTConfig}
 RECIPE_YAMLS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
 ACCELERATE_YAMLS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 
