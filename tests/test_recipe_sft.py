@@ -235,3 +235,22 @@ def test_bad_input_is_refused_before_the_model_loads(tiny_lm, chat_data, tmp_pat
     assert "data.max_length" in err
     for name in "abc":
         assert not (tmp_path / name).exists(), "a refused run wrote its output dir"
+
+
+def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
+    """recipes/configs/sft/demo.yaml with its model dir, tokenizer and data as shipped (a few steps: the full
+    run's accuracy is measured in the README, not here)."""
+    out = tmp_path / "demo"
+    demo = REPO / "recipes" / "configs" / "sft" / "demo.yaml"
+    overrides = [
+        "train.max_steps=3",
+        "eval.num_generations=3",
+        "eval.every_n_steps=null",
+        "checkpoint.every_n_steps=null",
+    ]
+    recipe_main()(["--config", str(demo), *overrides, f"output.dir={out}"])
+    assert "done" in capsys.readouterr().out
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["step"] == 3 and "exact_match" in results and results["tokens"] > 0
+    assert len(read_jsonl(out / "generations" / "step_000003.jsonl")) == 3
+    AcceleratorState._reset_state(True)
