@@ -153,6 +153,24 @@ class LoggingConfig:
     progress_bar: Literal["auto", "always", "never"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
 
 
+def training_problems(train: TrainConfig, output: OutputConfig) -> list[str]:
+    """Cross-field problems of the keys every recipe shares, each naming the keys involved."""
+    problems = []
+    if train.warmup_steps > 1 and not float(train.warmup_steps).is_integer():
+        problems.append(f"train.warmup_steps={train.warmup_steps}: give a whole number of steps or a share < 1")
+    if train.micro_batch_size == "auto" and train.global_batch_size is None:
+        problems.append(
+            "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
+            "micro-batch shrinks to fit in memory"
+        )
+    if output.overwrite and train.resume_from is not None:
+        problems.append(
+            f"output.overwrite=true and train.resume_from={train.resume_from} contradict each other: "
+            "overwrite starts afresh, resume continues; set one of them"
+        )
+    return problems
+
+
 @dataclass
 class ClassifyConfig:
     """Config of recipes/classify.py: sequence classification."""
@@ -168,25 +186,11 @@ class ClassifyConfig:
 
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
-        problems = []
-        if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
-            problems.append(
-                f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1"
-            )
-        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
-            problems.append(
-                "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
-                "micro-batch shrinks to fit in memory"
-            )
+        problems = training_problems(self.train, self.output)
         if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append(f"data.label_names has duplicates: {self.data.label_names}")
-        if self.output.overwrite and self.train.resume_from is not None:
-            problems.append(
-                f"output.overwrite=true and train.resume_from={self.train.resume_from} contradict each other: "
-                "overwrite starts afresh, resume continues; set one of them"
-            )
         metrics = self.resolved_metrics()
         if self.eval.metric_for_best is not None and self.eval.metric_for_best not in [*metrics, "loss"]:
             problems.append(
@@ -327,21 +331,7 @@ class SFTConfig:
 
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
-        problems = []
-        if self.train.warmup_steps > 1 and not float(self.train.warmup_steps).is_integer():
-            problems.append(
-                f"train.warmup_steps={self.train.warmup_steps}: give a whole number of steps or a share < 1"
-            )
-        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
-            problems.append(
-                "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
-                "micro-batch shrinks to fit in memory"
-            )
-        if self.output.overwrite and self.train.resume_from is not None:
-            problems.append(
-                f"output.overwrite=true and train.resume_from={self.train.resume_from} contradict each other: "
-                "overwrite starts afresh, resume continues; set one of them"
-            )
+        problems = training_problems(self.train, self.output)
         if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
             problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
         if self.data.format == "text" and self.eval.metric_for_best == "exact_match":

@@ -209,6 +209,12 @@ def every(n: int | None, step: int) -> bool:
     return bool(n) and step % n == 0
 
 
+def checkpoint_due(checkpoint, progress: Progress) -> bool:
+    """A periodic checkpoint after this step (`checkpoint` is a CheckpointConfig): every N steps, or at an
+    epoch's end."""
+    return every(checkpoint.every_n_steps, progress.step) or (checkpoint.at_epoch_end and progress.epoch_ended)
+
+
 def stop_for_signal(
     accelerator: Accelerator, signals: StopSignals, progress: Progress, checkpoint, argv: list[str], info
 ) -> None:

@@ -64,7 +64,7 @@ from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, 
 from finetune.recipe_configs import SFTConfig
 from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
 from finetune.tracking import RunLog, memory_mb
-from finetune.training import StopSignals, TrainStep, every, stop_for_signal, training_windows
+from finetune.training import StopSignals, TrainStep, checkpoint_due, every, stop_for_signal, training_windows
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
 
@@ -244,9 +244,7 @@ def main(argv: list[str]) -> None:
                 log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record()})
             if progress.step == total_steps:
                 break  # the final evaluation and final/ end the run
-            checkpoint_now = every(cfg.checkpoint.every_n_steps, progress.step) or (
-                cfg.checkpoint.at_epoch_end and progress.epoch_ended
-            )
+            checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
             with train_step.paused():  # evaluation and checkpoints are not training throughput
                 metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
                 if checkpoint_now or report.stop:
