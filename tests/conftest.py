@@ -16,6 +16,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`-n 2` in pyproject.toml), each worker owns one core, and so do the processes it
+    launches: the recipe's default threads (cores / local processes) become 1, and two workers never fight
+    over both cores (oversubscribed torch threads spin and run tiny models several times slower)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker and len(cores) >= 2:
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+        import torch
+
+        torch.set_num_threads(1)
+
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFY = REPO / "recipes" / "classify.py"
 
