@@ -254,3 +254,17 @@ def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
     assert results["step"] == 3 and "exact_match" in results and results["tokens"] > 0
     assert len(read_jsonl(out / "generations" / "step_000003.jsonl")) == 3
     AcceleratorState._reset_state(True)
+
+
+def test_lora_run_saves_a_merged_generating_model_and_its_adapter(tiny_lm, chat_data, tmp_path, capsys):
+    out = tmp_path / "lora"
+    recipe_main()(sft_args(tiny_lm, chat_data, out, "lora.enabled=true", "train.max_steps=2", "eval.num_generations=0"))
+    assert "trainable" in capsys.readouterr().out
+    assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+    merged = final_weights(out)
+    assert not any("lora" in key for key in merged), "final/ must be a plain transformers model"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 6)
+    AcceleratorState._reset_state(True)
