@@ -191,7 +191,8 @@ def main() -> None:
             fsdp_check,
         )
     )  # noqa: E501
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # One process (-o addopts: no xdist workers, which the GPU image lacks and which would share the one GPU).
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-rs"]
     jobs.append(("pytest (whole suite)", pytest, lambda out: (True, out.strip().splitlines()[-1][:90])))
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # the GPU has room for several small runs at once
