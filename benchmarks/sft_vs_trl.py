@@ -13,11 +13,13 @@ alternate (recipe, TRL, recipe, TRL, ...), each in a fresh process: the recipe t
 worker of this script.
 
 Throughput is measured the same way in both: a forward pre-hook on the model's decoder (the same module in both)
-counts the non-padding input tokens of every training micro-batch and stamps the clock at the first micro-batch
-of every optimizer step; tokens/s = tokens of steps w+1 .. S-1 / time between the starts of step w+1 and step S
-(w warm-up steps left out; startup, data preparation and evaluation are outside). Peak memory is the process's peak
-resident set size (ru_maxrss) at the end of training (the recipe's eval_results memory_mb.peak; a callback's
-on_train_end for TRL).
+counts the non-padding input tokens of every training micro-batch and stamps the wall clock and the process's CPU
+time at the first micro-batch of every optimizer step. Each run trains one epoch, so both process exactly the same
+tokens (checked). tokens/s = those tokens / training time (the recipe's train_runtime_s; TRL: a callback from
+on_train_begin to on_train_end); startup, data preparation and evaluation are outside. tokens/CPU-s = tokens of
+steps w+1 .. S-1 / CPU time over them (w warm-up steps left out): on a CPU shared with other work, wall time swings
+by 10x and more from one run to the next, CPU time much less. Peak memory is the process's peak resident set size
+(ru_maxrss) at the end of training (the recipe's eval_results memory_mb.peak; TRL's on_train_end).
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class ForwardMeter:
         self.pad, self.k = pad_token_id, accumulation
         self.tokens: list = []  # per forward; device tensors, read at the end
         self.padded: list[int] = []
-        self.stamps: list[float] = []
+        self.stamps: list[float] = []  # wall clock
+        self.cpu_stamps: list[float] = []  # CPU time of the process (all threads)
         self.on = True
 
     def attach(self, model) -> None:
@@ -157,6 +160,7 @@ class ForwardMeter:
             if ids.is_cuda:
                 __import__("torch").cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
         self.tokens.append((ids != self.pad).sum())
         self.padded.append(ids.numel())
 
@@ -180,9 +184,11 @@ class ForwardMeter:
         excluded = min(excluded, steps - 2)
         first, last = excluded * self.k, (steps - 1) * self.k
         seconds = self.stamps[-1] - self.stamps[excluded]
+        cpu_seconds = self.cpu_stamps[-1] - self.cpu_stamps[excluded]
         return {
             "tokens_per_s": sum(tokens) / train_s,
             "steady_tokens_per_s": sum(tokens[first:last]) / seconds,
+            "steady_tokens_per_cpu_s": sum(tokens[first:last]) / cpu_seconds,
             "train_s": train_s,
             "tokens": sum(tokens),
             "padded_tokens": sum(self.padded),
@@ -235,7 +241,7 @@ def recipe_worker(stats: Path, accumulation: int, recipe_args: list[str]) -> Non
         if meter is not None and meter.tokens:
             record["forwards"] = len(meter.tokens)
             record["meter"] = {"tokens": [int(t) for t in meter.tokens], "padded": meter.padded,
-                               "stamps": meter.stamps}  # fmt: skip
+                               "stamps": meter.stamps, "cpu_stamps": meter.cpu_stamps}  # fmt: skip
         stats.write_text(json.dumps(record))
 
 
@@ -457,7 +463,8 @@ def run_recipe(spec: dict) -> dict:
     r = json.loads((out / "eval_results.json").read_text())
     record = json.loads(stats.read_text())
     meter = ForwardMeter(0, spec["accumulation"])
-    meter.tokens, meter.padded, meter.stamps = (record["meter"][k] for k in ("tokens", "padded", "stamps"))
+    names = ("tokens", "padded", "stamps", "cpu_stamps")
+    meter.tokens, meter.padded, meter.stamps, meter.cpu_stamps = (record["meter"][k] for k in names)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     numbers = re.search(r"([\d,]+) tokens, ([\d,]+) of them targets", r["train_data"])
     if spec.get("cleanup"):
@@ -611,35 +618,38 @@ def report(results: dict) -> str:
         f"1-minute load average {loads[0]}-{loads[-1]} during the runs.",
         "",
         "tokens/s = non-padding input tokens of the epoch / training time (the recipe's train_runtime_s, TRL's "
-        f"on_train_begin..on_train_end); steady = steps {s['excluded_warmup_steps'] + 1}..last-1 by the same "
-        "forward hook in both.",
+        "on_train_begin..on_train_end). tokens/CPU-s = the same tokens of steps "
+        f"{s['excluded_warmup_steps'] + 1}..last-1 / the process's CPU time (all threads) over them, from the same "
+        "forward hook in both: far less sensitive than wall time to other tenants of the machine.",
         "",
-        "| mode | trainer | steps | tokens/s (median; each run) | steady tokens/s | recipe / TRL | peak RSS MiB "
-        "| RSS growth in training MiB | padding | loss, last 5 steps | validation loss |",
-        "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | trainer | steps | tokens/s (median; each run) | tokens/CPU-s (median; each run) | recipe / TRL "
+        "| peak RSS MiB | RSS growth in training MiB | padding | loss, last 5 steps | validation loss |",
+        "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, by_trainer in results["runs"].items():
         trl = by_trainer["trl"]
         for trainer, runs in by_trainer.items():
-            rate, rss = _median(runs, "tokens_per_s"), _median(runs, "peak_rss_mb")
+            rate, cpu, rss = (_median(runs, k) for k in ("tokens_per_s", "steady_tokens_per_cpu_s", "peak_rss_mb"))
             each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+            each_cpu = ", ".join(f"{r['steady_tokens_per_cpu_s']:.0f}" for r in runs)
             growth = statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs)
             final = statistics.fmean(statistics.fmean(r["losses"][-5:]) for r in runs)
             val = statistics.fmean(r["validation_loss"] for r in runs)
             pad = statistics.fmean(r["padding_share"] for r in runs)
             ratio = (f"{rate / _median(trl, 'tokens_per_s'):.2f}x tokens/s, "
-                     f"{_median(runs, 'steady_tokens_per_s') / _median(trl, 'steady_tokens_per_s'):.2f}x steady, "
+                     f"{cpu / _median(trl, 'steady_tokens_per_cpu_s'):.2f}x tokens/CPU-s, "
                      f"{rss / _median(trl, 'peak_rss_mb'):.2f}x RSS" if trainer == "recipe" else "")  # fmt: skip
-            lines.append(f"| {mode} | {trainer} | {runs[0]['steps']} | {rate:.0f} ({each}) | "
-                         f"{_median(runs, 'steady_tokens_per_s'):.0f} | {ratio} | {rss:.0f} | {growth:.0f} | "
-                         f"{pad:.1%} | {final:.4f} | {val:.4f} |")  # fmt: skip
-    lines += ["", "Recipe / TRL tokens/s of the runs made back to back (median; each repeat):"]
+            lines.append(f"| {mode} | {trainer} | {runs[0]['steps']} | {rate:.0f} ({each}) | {cpu:.0f} ({each_cpu}) | "
+                         f"{ratio} | {rss:.0f} | {growth:.0f} | {pad:.1%} | {final:.4f} | {val:.4f} |")  # fmt: skip
+    lines += ["", "Recipe / TRL of the runs made back to back, each repeat (median):"]
     for mode, t in results["runs"].items():
         both = list(zip(t["recipe"], t["trl"], strict=False))
-        pairs = ", ".join(f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}" for a, b in both)
+        for key, what in (("tokens_per_s", "tokens/s"), ("steady_tokens_per_cpu_s", "tokens/CPU-s")):
+            ratios = [a[key] / b[key] for a, b in both]
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"- {mode}, {what}: {each} ({statistics.median(ratios):.2f}x)")
         loads = ", ".join(f"{a['load_average'][0][0]}-{b['load_average'][1][0]}" for a, b in both)
-        median = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in both)
-        lines.append(f"- {mode}: {median:.2f}x ({pairs}; 1-minute load average over each pair {loads})")
+        lines.append(f"- {mode}: 1-minute load average over each pair {loads}")
     lines += ["", "Checks (first repeat):"]
     for mode, t in results["runs"].items():
         rec, tr = t["recipe"][0], t["trl"][0]
