@@ -17,7 +17,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 def pytest_configure(config) -> None:
     """Under pytest-xdist (`-n 2` in pyproject.toml), each worker owns one core, and so do the processes it
     launches: the recipe's default threads (cores / local processes) become 1, and two workers never fight

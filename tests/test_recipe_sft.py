@@ -266,5 +266,6 @@ def test_lora_run_saves_a_merged_generating_model_and_its_adapter(tiny_lm, chat_
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 6)
+    generated = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 6)
     AcceleratorState._reset_state(True)
