@@ -43,9 +43,9 @@ RECIPE = REPO / "recipes" / "sft.py"
 DEMO = REPO / "recipes" / "demo"
 SYSTEM_PROMPT = "You transform strings of letters exactly as the user asks."
 
-# The CPU comparison. A LLaMA with a 32k vocabulary whose output layer is ~half the matmul work per token
-# (V / (12 * layers * hidden) = 0.87: logits matter, as they do, less, in 1B models at ~0.2-0.3).
-CPU_MODEL = {"vocab": 16384, "hidden": 192, "layers": 4, "heads": 3, "kv_heads": 3, "intermediate": 512}
+# The CPU comparison: a LLaMA with LLaMA-2's 32k vocabulary, 14.5M parameters, whose (tied) output layer is ~56% of
+# the matmul work per token (vocab / (12 * layers * hidden) = 1.3): logits matter, more than in 1B models (~0.3).
+CPU_MODEL = {"vocab": 32000, "hidden": 256, "layers": 8, "heads": 4, "kv_heads": 4, "intermediate": 688}
 MAX_LENGTH, MICRO, ACCUMULATION = 256, 4, 2
 LR, WARMUP, SCHEDULER, SEED = 1e-3, 5, "cosine", 42
 VALIDATION_CHATS, MAX_TURNS = 64, 5
