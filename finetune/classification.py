@@ -21,6 +21,7 @@ from transformers import (
 
 from finetune.accumulation import summed_classification_loss
 from finetune.data import read_source, read_validation
+from finetune.dry_run import describe_lengths
 from finetune.errors import UserError
 from finetune.modeling import load_pretrained
 
@@ -142,6 +143,32 @@ def regression_labels(ds: Dataset, key: str, label_column: str) -> Dataset:
     return ds.cast_column("label", Value("float32"))
 
 
+def check_learnable(train: Dataset, label_names: list[str], key: str, label_column: str) -> None:
+    """Refuse training labels that cannot teach the task: one class only (every prediction of that class would
+    score accuracy 1.0 on like data), or one constant regression target."""
+    if not label_names:
+        scores = np.asarray(train["label"], dtype=np.float64)
+        if len(scores) > 1 and np.ptp(scores) == 0:
+            raise UserError(
+                f"{key}: every regression target in data.label_column={label_column!r} is {scores[0]:g}; "
+                "a constant cannot be learned. Check the column, or the data."
+            )
+        return
+    counts = Counter(train["label"])
+    if len(counts) < 2:
+        only = label_names[next(iter(counts))]
+        raise UserError(
+            f"{key}: every training example has label {only!r}; a classifier needs at least 2 classes to learn "
+            f"anything. Check data.label_column={label_column!r} and the file, or add examples of other classes."
+        )
+
+
+def label_counts(ds: Dataset, label_names: list[str]) -> dict[str, int]:
+    """Examples per class name, in label order (classes with no example included, as 0)."""
+    counts = Counter(ds["label"])
+    return {name: counts.get(i, 0) for i, name in enumerate(label_names)}
+
+
 def split_validation(train: Dataset, cfg, stratify: bool) -> tuple[Dataset, Dataset]:
     """(train, validation) carved from train with data.split_seed: stratified by class, or plain random."""
     kind = "stratified " if stratify else ""
@@ -177,6 +204,7 @@ def load_classification_data(cfg) -> ClassificationData:
     else:
         label_names = label_vocabulary(train["label"], cfg.label_names, train_key)
         train = encode_labels(train, label_names, train_key)
+    check_learnable(train, label_names, train_key, cfg.label_column)
     if cfg.validation is None:
         train, validation = split_validation(train, cfg, stratify=not regression)
         return ClassificationData(train, validation, label_names, cfg.task)
@@ -264,3 +292,23 @@ def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Summed loss of a micro-batch: cross-entropy, or squared error for a regression head."""
     inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
     return summed_classification_loss(model(**inputs).logits, batch["labels"])
+
+
+def describe_data(
+    data: ClassificationData, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[str], int]:
+    """What the dry run says about the data: examples and label counts per split, token lengths and
+    truncation; and the tokens of the longest training example after truncation (where memory peaks)."""
+    lines, longest = [], 0
+    for name, ds in (("train", data.train), ("validation", data.validation)):
+        pair = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
+        lengths = [len(ids) for ids in tokenizer(list(ds["text"]), pair, truncation=False)["input_ids"]]
+        if data.task == "regression":
+            scores = np.asarray(ds["label"], dtype=np.float64)
+            labels = f"targets mean {scores.mean():.4g}, std {scores.std():.4g}, "
+            labels += f"range {scores.min():.4g}..{scores.max():.4g}"
+        else:
+            labels = "labels " + ", ".join(f"{k} {v:,}" for k, v in label_counts(ds, data.label_names).items())
+        lines += [f"{name}: {len(ds):,} examples; {labels}", f"  {describe_lengths(lengths, max_length)}"]
+        longest = max(longest, min(max(lengths, default=0), max_length)) if name == "train" else longest
+    return lines, longest

@@ -137,7 +137,7 @@ def test_hub_dataset_offline_gives_a_clear_message(monkeypatch):
 
 def test_tokenize_truncates_and_collator_pads_per_batch(tiny_bert: Path, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    rows = [{"text": "apple " * n, "label": "fruit"} for n in (1, 3, 40)]
+    rows = [{"text": "apple " * n, "label": label} for n, label in ((1, "fruit"), (3, "dog"), (40, "fruit"))]
     data = load_classification_data(
         data_config(train=str(write_rows(tmp_path / "t.csv", rows)), validation=str(tmp_path / "t.csv"))
     )
@@ -147,4 +147,34 @@ def test_tokenize_truncates_and_collator_pads_per_batch(tiny_bert: Path, tmp_pat
     assert batches[0]["input_ids"].shape == (2, 5)  # padded to its own longest, not to max_length
     assert batches[0]["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0]
     assert batches[1]["input_ids"].shape == (1, 8)
-    assert batches[0]["labels"].tolist() == [0, 0]
+    assert batches[0]["labels"].tolist() == [1, 0]  # dog=0, fruit=1
+
+
+def test_training_data_that_cannot_teach_the_task_is_refused(tmp_path):
+    """One class (it would train and report accuracy 1.0 on like data), or one constant regression target."""
+    one_class = write_rows(tmp_path / "one.csv", keyword_rows(12, labels=["fruit"]))
+    with pytest.raises(UserError) as err:
+        load_classification_data(data_config(train=str(one_class)))
+    assert "every training example has label 'fruit'" in str(err.value) and "at least 2 classes" in str(err.value)
+    named = write_rows(tmp_path / "named.csv", [{"text": f"t {i}", "label": 1} for i in range(6)])
+    with pytest.raises(UserError, match="every training example has label 'pos'"):
+        load_classification_data(data_config(train=str(named), label_names=["neg", "pos"]))
+    constant = write_rows(tmp_path / "constant.csv", [{"text": f"t {i}", "label": 2.5} for i in range(6)])
+    with pytest.raises(UserError, match="every regression target in data.label_column='label' is 2.5"):
+        load_classification_data(data_config(train=str(constant), task="regression"))
+
+
+def test_dry_run_description_counts_labels_lengths_and_truncation(tiny_bert: Path, tmp_path):
+    from finetune.classification import describe_data
+
+    rows = [{"text": "apple " * n, "label": "fruit" if n % 3 else "animal"} for n in range(1, 31)]
+    train = write_rows(tmp_path / "t.csv", rows)
+    val = write_rows(tmp_path / "v.csv", rows[:6])
+    data = load_classification_data(
+        data_config(train=str(train), validation=str(val), label_names=["fruit", "animal", "car"])
+    )
+    lines, longest = describe_data(data, AutoTokenizer.from_pretrained(tiny_bert), max_length=12)
+    assert lines[0] == "train: 30 examples; labels fruit 20, animal 10, car 0"
+    # n words + [CLS] + [SEP]: lengths 3..32; longer than 12: n = 11..30
+    assert "max 32; 20 of 30 (66.7%) longer than 12 (truncated)" in lines[1]
+    assert lines[2].startswith("validation: 6 examples; labels fruit 4, animal 2") and longest == 12
