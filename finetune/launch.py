@@ -9,6 +9,7 @@ model loads, instead of one silently winning.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -17,11 +18,13 @@ from accelerate.utils import (
     DistributedType,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
+    ProjectConfiguration,
 )
 
 from finetune.batching import BatchGeometry, plan_batches
 from finetune.errors import UserError
 from finetune.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
+from finetune.tracking import LOGS_DIR
 
 LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
@@ -38,8 +41,11 @@ def check_mixed_precision(recipe_value: str | None) -> str | None:
     )
 
 
-def make_accelerator(train) -> tuple[Accelerator, BatchGeometry | None]:
-    """An Accelerator for `train` (a TrainConfig), and the batch geometry (None for `auto` micro-batches,
+def make_accelerator(
+    train, trackers: list[str] | None = None, output_dir: Path | None = None
+) -> tuple[Accelerator, BatchGeometry | None]:
+    """An Accelerator for `train` (a TrainConfig) logging to `trackers` (see `finetune.tracking.resolve_trackers`;
+    local ones write under `output_dir`/logs), and the batch geometry (None for `auto` micro-batches,
     decided later by `finetune.batching.find_micro_batch_size`; then set `gradient_accumulation_steps`).
 
     - `sync_with_dataloader=False`: `finetune.accumulation.accumulation_windows` decides where windows end.
@@ -60,6 +66,11 @@ def make_accelerator(train) -> tuple[Accelerator, BatchGeometry | None]:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir) if output_dir else None,
+                logging_dir=str(output_dir / LOGS_DIR) if output_dir else None,
+            ),
         )
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
         raise UserError(f"cannot set up Accelerate: {err}") from None

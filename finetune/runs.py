@@ -11,7 +11,16 @@ from typing import Any
 from finetune.errors import UserError
 
 # What a run writes into its output dir; `overwrite` removes exactly these.
-RUN_ARTIFACTS = ("final", "checkpoints", "config.yaml", "metrics.jsonl", "eval_results.json")
+RUN_ARTIFACTS = (
+    "final",
+    "checkpoints",
+    "config.yaml",
+    "metrics.jsonl",
+    "eval_results.json",
+    "logs",
+    "curves.png",
+    "generations",
+)
 FINISHED_MARKERS = ("final", "eval_results.json")
 
 

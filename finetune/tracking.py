@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, and a progress bar or plain log lines on the main process."""
+"""What a run reports: metrics.jsonl (the source of truth), the same records to experiment trackers through
+Accelerate (TensorBoard, W&B, MLflow, ...), and a progress bar or plain log lines on the main process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,53 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from finetune.errors import UserError
+
+# logging.trackers names (Accelerate's) -> what to install for each.
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard (pip install -e '.[track]')",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "aim": "aim",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
+LOGS_DIR = "logs"  # under output.dir: TensorBoard event files (and other local trackers' files)
+
+
+def resolve_trackers(trackers: list[str] | None) -> list[str]:
+    """The trackers for `Accelerator(log_with=...)`: logging.trackers, or TensorBoard when it is installed.
+
+    Accelerate drops a tracker whose package is missing with a log line only; here it is a config error."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    if trackers is None:
+        return ["tensorboard"] if "tensorboard" in available else []
+    unknown = [name for name in trackers if name not in TRACKER_PACKAGES]
+    if unknown:
+        raise UserError(
+            f"logging.trackers: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKER_PACKAGES)}."
+        )
+    missing = [name for name in trackers if name not in available]
+    if missing:
+        installs = "; ".join(f"{name}: install {TRACKER_PACKAGES[name]}" for name in missing)
+        raise UserError(
+            f"logging.trackers lists {', '.join(missing)}, not installed here ({installs}). "
+            "Install it, or remove it from logging.trackers."
+        )
+    return list(dict.fromkeys(trackers))
+
+
+def hyperparameters(config: dict) -> dict[str, int | float | str | bool]:
+    """The config flattened to dotted keys with scalar values, as trackers' hyperparameter tables take them."""
+    from finetune.config import flatten
+
+    return {key: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for key, v in flatten(config)}
+
 
 def _format(value) -> str:
     if isinstance(value, float):
@@ -21,13 +69,36 @@ def _format(value) -> str:
 
 
 class RunLog:
-    """Append metrics to `<output_dir>/metrics.jsonl` and show them; a no-op off the main process."""
+    """Append metrics to `<output_dir>/metrics.jsonl`, send them to the Accelerator's trackers, and show them;
+    a no-op off the main process.
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, progress_bar: str = "auto"):
+    With trackers (`Accelerator(log_with=...)`), `config` is logged as their hyperparameters. A resumed run
+    (`first_step` > 0) continues the trackers' curves: TensorBoard drops what the interrupted run logged after
+    `first_step`, as metrics.jsonl was trimmed to it."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: Path,
+        progress_bar: str = "auto",
+        project: str = "finetune",
+        config: dict | None = None,
+        first_step: int = 0,
+    ):
+        self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
         self.use_bar = self.enabled and (progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()))
         self.bar = None
+        if accelerator.log_with:
+            accelerator.init_trackers(
+                project,
+                config=hyperparameters(config or {}),
+                init_kwargs={
+                    "tensorboard": {"purge_step": first_step + 1} if first_step else {},
+                    "wandb": {"name": output_dir.name},
+                },
+            )
 
     def start_progress(self, total_steps: int) -> None:
         """Show a progress bar over `total_steps` optimizer steps (main process, when enabled)."""
@@ -50,6 +121,8 @@ class RunLog:
         record = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
         self.info(" ".join(f"{k}={_format(v)}" for k, v in record.items()))
 
     def advance(self, steps: int = 1) -> None:
@@ -57,8 +130,13 @@ class RunLog:
             self.bar.update(steps)
 
     def close(self) -> None:
+        """Close the bar and finish the trackers (their files complete even if the process exits next)."""
         if self.bar:
             self.bar.close()
+        if self.enabled:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        self.accelerator.trackers.clear()  # end_training() must not finish them twice
 
 
 class Throughput:

@@ -162,3 +162,24 @@ def launch(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_tensorboard_matches_metrics_log(run_dir: Path) -> None:
+    """Every numeric value of the run's metrics.jsonl is in its TensorBoard event files at its step, and nothing
+    else is (as TensorBoard reads them: records purged on resume do not count)."""
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "finetune"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected: dict[str, list] = {}
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                expected.setdefault(name, []).append((record["step"], value))
+    assert sum(map(len, expected.values())) > 100
+    assert logged.keys() == expected.keys()
+    for name, points in expected.items():
+        assert [step for step, _ in logged[name]] == [step for step, _ in points], name
+        assert [v for _, v in logged[name]] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-12), name
