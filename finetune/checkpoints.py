@@ -89,6 +89,11 @@ class Progress:
     batches_per_epoch: int = 0  # micro-batches per epoch per process
     metrics: dict | None = None  # eval metrics at `step`, if evaluated
     reason: str = "periodic"  # periodic | preempted
+    # Early stopping (finetune.training.EarlyStopping): kept here so that a resumed run counts on.
+    best_value: float | None = None  # the best eval.metric_for_best so far
+    best_step: int | None = None
+    reference_value: float | None = None  # the last value that improved by more than the minimum delta
+    evals_without_improvement: int = 0
 
     def advance(self, window) -> None:
         """One optimizer step over `window` (a `finetune.accumulation.Window`) was taken."""
@@ -320,6 +325,10 @@ def resume(accelerator: Accelerator, scheduler, checkpoint: Path, now: Progress,
         epoch=saved.epoch,
         batches_into_epoch=saved.batches_into_epoch,
         samples_seen=saved.samples_seen,
+        best_value=saved.best_value,
+        best_step=saved.best_step,
+        reference_value=saved.reference_value,
+        evals_without_improvement=saved.evals_without_improvement,
     )
 
 

@@ -232,6 +232,9 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+DRY_RUN = "--dry-run"
+
+
 @dataclass
 class ParsedArgs:
     config_path: Path | None
@@ -247,6 +250,8 @@ def parse_argv(argv: list[str]) -> ParsedArgs:
         arg = argv[i]
         if arg in ("-h", "--help"):
             want_help = True
+        elif arg == DRY_RUN:
+            pass  # the recipe's business: see `finetune.dry_run`
         elif arg == "--config":
             if i + 1 >= len(argv):
                 problems.append("--config needs a path: --config recipes/configs/classify/default.yaml")
@@ -348,10 +353,14 @@ def load_config(schema: type[T], argv: list[str], default_path: Path | None = No
 
 def format_help(schema: type, prog: str = "", default_path: Path | None = None) -> str:
     """Every key with its type, default and doc, grouped."""
-    lines = [f"usage: accelerate launch {prog or 'RECIPE'} [--config PATH] [key=value ...]", ""]
+    lines = [f"usage: accelerate launch {prog or 'RECIPE'} [--config PATH] [--dry-run] [key=value ...]", ""]
     if default_path:
         lines.append(f"Without --config the recipe reads {default_path}.")
     lines.append("Precedence: defaults < YAML file < command-line key=value.")
+    lines.append(
+        f"{DRY_RUN}: check everything and print the data, batches, optimizer steps, parameters and an estimate of "
+        "peak memory per process, without loading weights, training or writing anything."
+    )
     hints = typing.get_type_hints(schema)
     for f in fields(schema):
         group = hints[f.name]

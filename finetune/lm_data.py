@@ -758,3 +758,21 @@ def generation_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, n: int) 
         if len(out) == n:
             break
     return out
+
+
+def describe_data(
+    train: Dataset, train_report: TokenizeReport, validation: Dataset, val_report: TokenizeReport, packed: bool
+) -> tuple[list[str], int]:
+    """What the dry run says about tokenized (and maybe packed) data, and the tokens of the longest training
+    row (where memory peaks)."""
+    from finetune.dry_run import describe_lengths
+
+    lines = []
+    for name, ds, report in (("train", train, train_report), ("validation", validation, val_report)):
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        rows = f"; {len(ds):,} packed rows of up to {report.max_length:,} tokens" if packed else ""
+        lines += [
+            f"{name}: {report.describe()}{rows}",
+            f"  {'rows' if packed else 'examples'}: {describe_lengths(lengths)}",
+        ]
+    return lines, max((len(ids) for ids in train["input_ids"]), default=1)

@@ -150,13 +150,18 @@ def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_le
     tokenizer.save_pretrained(target)
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int) -> None:
-    """`write_model` (merged) into `target`, atomically: a crash leaves only a `.tmp-*` dir beside it."""
+def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int, card=None) -> None:
+    """`write_model` (merged) into `target` with its model card (a `finetune.model_card.CardFacts`) as
+    README.md, atomically: a crash leaves only a `.tmp-*` dir beside it."""
     tmp = target.with_name(f".tmp-{target.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     write_model(accelerator, model, tokenizer, tmp, max_length, merge_lora=True)
     if accelerator.is_main_process:
+        if card is not None:
+            from finetune.model_card import write_model_card
+
+            write_model_card(tmp, card)
         replace_dir(tmp, target)
     accelerator.wait_for_everyone()
 

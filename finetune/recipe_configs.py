@@ -95,6 +95,15 @@ class TrainConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = option(
         "stop", "a NaN/inf loss stops the run (naming the step), or skip = drop that optimizer step and go on"
     )
+    early_stopping_patience: int | None = option(
+        None,
+        "stop after N evaluations without an improvement of eval.metric_for_best (needs eval.every_n_steps); "
+        "final/ then holds the best evaluated model; null = train to the end",
+        ge=1,
+    )
+    early_stopping_min_delta: float = option(
+        0.0, "the least change of eval.metric_for_best that counts as an improvement for early stopping", ge=0
+    )
 
 
 @dataclass
@@ -151,9 +160,16 @@ class LoggingConfig:
 
     every_n_steps: int = option(10, "log loss, lr and throughput every N optimizer steps", ge=1)
     progress_bar: Literal["auto", "always", "never"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
+    trackers: list[str] | None = option(
+        None,
+        "experiment trackers (through Accelerate) that get every metric and the config: tensorboard, wandb, mlflow, "
+        "trackio, aim, comet_ml, clearml, dvclive, swanlab; null = tensorboard if installed (output.dir/logs); "
+        "[] = none (metrics.jsonl is always written)",
+    )
+    project: str = option("finetune", "project (wandb, trackio, comet_ml) or experiment (mlflow) name of the trackers")
 
 
-def training_problems(train: TrainConfig, output: OutputConfig) -> list[str]:
+def training_problems(train: TrainConfig, output: OutputConfig, evaluation_every: int | None) -> list[str]:
     """Cross-field problems of the keys every recipe shares, each naming the keys involved."""
     problems = []
     if train.warmup_steps > 1 and not float(train.warmup_steps).is_integer():
@@ -162,6 +178,11 @@ def training_problems(train: TrainConfig, output: OutputConfig) -> list[str]:
         problems.append(
             "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
             "micro-batch shrinks to fit in memory"
+        )
+    if train.early_stopping_patience is not None and evaluation_every is None:
+        problems.append(
+            f"train.early_stopping_patience={train.early_stopping_patience} needs evaluations during training: "
+            "set eval.every_n_steps"
         )
     if output.overwrite and train.resume_from is not None:
         problems.append(
@@ -186,7 +207,7 @@ class ClassifyConfig:
 
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
-        problems = training_problems(self.train, self.output)
+        problems = training_problems(self.train, self.output, self.eval.every_n_steps)
         if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):
@@ -331,7 +352,7 @@ class SFTConfig:
 
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
-        problems = training_problems(self.train, self.output)
+        problems = training_problems(self.train, self.output, self.eval.every_n_steps)
         if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
             problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
         if self.data.format == "text" and self.eval.metric_for_best == "exact_match":

@@ -13,7 +13,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import datasets
 import transformers
 from accelerate.utils import set_seed
 
@@ -21,23 +20,20 @@ from finetune.accumulation import count_label_terms
 from finetune.batching import find_micro_batch_size
 from finetune.checkpoints import (
     Progress,
-    config_changes,
-    read_progress,
-    refuse_changes,
-    resolve_resume,
     resume,
     save_checkpoint,
-    trim_metrics_log,
 )
 from finetune.classification import (
     classification_loss,
+    describe_data,
     load_classification_data,
     load_classifier,
     padding_collator,
     tokenize,
 )
-from finetune.config import config_to_dict, load_config, save_config
+from finetune.config import DRY_RUN
 from finetune.data import longest_batch, make_dataloader
+from finetune.dry_run import report_dry_run
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import evaluate_classifier
 from finetune.fsdp import prepare_fsdp
@@ -51,16 +47,23 @@ from finetune.modeling import (
     load_model_config,
     load_tokenizer,
     parameter_counts,
-    save_final,
     write_model,
 )
-from finetune.multinode import check_machines_agree
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
 from finetune.recipe_configs import ClassifyConfig
-from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
-from finetune.tracking import RunLog, memory_mb
-from finetune.training import StopSignals, TrainStep, checkpoint_due, every, stop_for_signal, training_windows
+from finetune.reporting import RunSummary, finish_run
+from finetune.run_start import open_run, start_run
+from finetune.tracking import memory_mb, resolve_trackers
+from finetune.training import (
+    EarlyStopping,
+    StopSignals,
+    TrainStep,
+    checkpoint_due,
+    every,
+    stop_for_signal,
+    training_windows,
+)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
 
@@ -68,29 +71,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "default.yaml"
 def setup(argv: list[str]):
     """Parse and check everything cheap — config, output dir, checkpoint to resume, data, model limits —
     before any weights load."""
-    cfg = load_config(ClassifyConfig, argv, DEFAULT_CONFIG, prog="recipes/classify.py")
-    datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
-    transformers.logging.disable_progress_bar()  # bars per weight load/save would drown the log
-    output_dir = Path(cfg.output.dir)
-    if cfg.train.resume_from == "latest" and is_finished(output_dir):  # e.g. a job requeued after it ended
-        print(f"{output_dir} holds a finished run: nothing to resume. Set output.overwrite=true to train again.")
-        sys.exit(0)
-    resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
-    check_output_dir(
-        output_dir,
-        cfg.output.overwrite,
-        resuming=resume_dir is not None,
-        fresh_if_unfinished=cfg.train.resume_from == "latest",
-    )
-    if resume_dir is not None and not cfg.train.resume_allow_changes:
-        refuse_changes(config_changes(resume_dir, config_to_dict(cfg)), resume_dir)
+    cfg, output_dir, resume_dir = open_run(ClassifyConfig, argv, DEFAULT_CONFIG, "recipes/classify.py")
     data = load_classification_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model_config = load_model_config(cfg.model, num_labels=data.num_outputs)
     check_max_length(cfg.data.max_length, model_config, tokenizer)
     check_lora_targets(cfg.lora, model_config)
     check_metric_names(cfg.resolved_metrics(), regression=cfg.data.task == "regression")
-    accelerator, geometry = make_accelerator(cfg.train)
+    accelerator, geometry = make_accelerator(cfg.train, resolve_trackers(cfg.logging.trackers), output_dir)
     check_precision(cfg.train.weights_dtype, accelerator)
     return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
 
@@ -98,19 +86,10 @@ def setup(argv: list[str]):
 @exit_on_user_error
 def main(argv: list[str]) -> None:
     cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
-    # Several machines must share output.dir (checkpoints hold every process's RNG file) and the config.
-    check_machines_agree(accelerator, output_dir, config=config_to_dict(cfg), resume_from=resume_dir)
+    if DRY_RUN in argv:
+        return dry_run(cfg, data, tokenizer, accelerator, geometry)
+    log = start_run(accelerator, cfg, output_dir, resume_dir, "recipes/classify.py")
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        if resume_dir is not None:
-            trim_metrics_log(output_dir / "metrics.jsonl", read_progress(resume_dir).step)
-        else:
-            clear_previous_run(output_dir)  # only what check_output_dir allowed: overwrite, or a run with no checkpoint
-        output_dir.mkdir(parents=True, exist_ok=True)
-        rerun = "accelerate launch recipes/classify.py --config <this file> output.dir=<new dir>"
-        save_config(cfg, output_dir / "config.yaml", header=f"Resolved config; rerun with:\n  {rerun}")
-    accelerator.wait_for_everyone()
-    log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
 
     # ---- model
     model = load_classifier(cfg.model, data.label_names, tokenizer, data.task, WEIGHT_DTYPES[cfg.train.weights_dtype])
@@ -202,6 +181,9 @@ def main(argv: list[str]) -> None:
     # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
     memory_before = memory_mb(accelerator.device)["now"]
     lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
+    early_stopping = EarlyStopping(
+        cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metric_for_best()
+    )
     warnings: list[str] = []
     log.start_progress(total_steps)
     log.advance(progress.step)
@@ -224,29 +206,41 @@ def main(argv: list[str]) -> None:
             checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
             with train_step.paused():  # evaluation and checkpoints are not training throughput
                 metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
-                if checkpoint_now or report.stop:
+                verdict = early_stopping.update(progress, metrics)
+                if checkpoint_now or report.stop or verdict.new_best:
                     saved_to = save(metrics, "preempted" if report.stop else "periodic")
             if report.stop:
                 log.close()
                 stop_for_signal(accelerator, signals, progress, saved_to, argv, log.info)
+            if verdict.stop:
+                log.info(verdict.reason)
+                break
 
-    # ---- evaluate and save
+    # ---- evaluate; with early stopping, final/ gets the best evaluated model
     run_stats = {
         **train_step.throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate()
+    if not early_stopping.stopped:
+        early_stopping.update(progress, metrics := evaluate())
+    metrics, final_step = early_stopping.restore_best(accelerator, scheduler, output_dir, progress, metrics)
     log.close()
-    save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
-    warnings += [metrics.pop("warning")] if "warning" in metrics else []
+    summary = RunSummary(
+        "classify", metrics, cfg.resolved_metrics(), len(data.train), len(data.validation),
+        geometry.global_batch_size, progress.step, progress.epochs,
+        extra={"step": final_step, "epoch": progress.epochs, **run_stats}, warnings=warnings,
+        label_names=data.label_names, early_stopping=early_stopping.record(progress),
+    )  # fmt: skip
+    finish_run(accelerator, model, tokenizer, cfg, output_dir, summary, cfg.data.max_length)
+
+
+def dry_run(cfg: ClassifyConfig, data, tokenizer, accelerator, geometry) -> None:
+    """--dry-run: what the run would train on, for how many steps, and in how much memory; no weights read."""
     if accelerator.is_main_process:
-        results = {"step": progress.step, "epoch": progress.epochs, **metrics, **run_stats, "warnings": warnings}
-        write_json(output_dir / "eval_results.json", results)
-        scores = " ".join(f"{name}={metrics[name]:.4f}" for name in cfg.resolved_metrics())
-        if warnings:  # a finished run that did not learn must not read like a success
-            print("\n".join(["", "!" * 100, *(f"WARNING: {w}" for w in warnings), "!" * 100]), file=sys.stderr)
-        print(f"done{' WITH WARNINGS' if warnings else ''}: {output_dir / 'final'} {scores}")
-    accelerator.end_training()
+        lines, longest = describe_data(data, tokenizer, cfg.data.max_length)
+        model_config = load_model_config(cfg.model, num_labels=data.num_outputs)
+        auto_class = transformers.AutoModelForSequenceClassification
+        report_dry_run(accelerator, cfg, geometry, lines, len(data.train), longest, model_config, auto_class)
 
 
 def prefixed(prefix: str, metrics: dict) -> dict:

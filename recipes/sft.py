@@ -15,7 +15,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import datasets
 import transformers
 from accelerate.utils import set_seed
 
@@ -23,22 +22,19 @@ from finetune.accumulation import count_next_token_terms
 from finetune.batching import find_micro_batch_size
 from finetune.checkpoints import (
     Progress,
-    config_changes,
-    read_progress,
-    refuse_changes,
-    resolve_resume,
     resume,
     save_checkpoint,
-    trim_metrics_log,
 )
-from finetune.config import config_to_dict, load_config, save_config
+from finetune.config import DRY_RUN
 from finetune.data import longest_batch, make_dataloader
+from finetune.dry_run import report_dry_run
 from finetune.errors import exit_on_user_error
 from finetune.fsdp import prepare_fsdp
 from finetune.launch import make_accelerator
 from finetune.lm_data import (
     SFTCollator,
     check_chat_template,
+    describe_data,
     generation_prompts,
     load_sft_data,
     pack_examples,
@@ -55,16 +51,23 @@ from finetune.modeling import (
     load_model_config,
     load_tokenizer,
     parameter_counts,
-    save_final,
     write_model,
 )
-from finetune.multinode import check_machines_agree
 from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
 from finetune.recipe_configs import SFTConfig
-from finetune.runs import check_output_dir, clear_previous_run, is_finished, write_json
-from finetune.tracking import RunLog, memory_mb
-from finetune.training import StopSignals, TrainStep, checkpoint_due, every, stop_for_signal, training_windows
+from finetune.reporting import RunSummary, finish_run
+from finetune.run_start import open_run, start_run
+from finetune.tracking import memory_mb, resolve_trackers
+from finetune.training import (
+    EarlyStopping,
+    StopSignals,
+    TrainStep,
+    checkpoint_due,
+    every,
+    stop_for_signal,
+    training_windows,
+)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
 
@@ -72,29 +75,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
 def setup(argv: list[str]):
     """Parse and check everything cheap — config, output dir, checkpoint to resume, data, chat template,
     model limits, packing support — before any weights load."""
-    cfg = load_config(SFTConfig, argv, DEFAULT_CONFIG, prog="recipes/sft.py")
-    datasets.disable_progress_bars()
-    transformers.logging.disable_progress_bar()
-    output_dir = Path(cfg.output.dir)
-    if cfg.train.resume_from == "latest" and is_finished(output_dir):  # e.g. a job requeued after it ended
-        print(f"{output_dir} holds a finished run: nothing to resume. Set output.overwrite=true to train again.")
-        sys.exit(0)
-    resume_dir = resolve_resume(cfg.train.resume_from, output_dir)
-    check_output_dir(
-        output_dir,
-        cfg.output.overwrite,
-        resuming=resume_dir is not None,
-        fresh_if_unfinished=cfg.train.resume_from == "latest",
-    )
-    if resume_dir is not None and not cfg.train.resume_allow_changes:
-        refuse_changes(config_changes(resume_dir, config_to_dict(cfg)), resume_dir)
+    cfg, output_dir, resume_dir = open_run(SFTConfig, argv, DEFAULT_CONFIG, "recipes/sft.py")
     data = load_sft_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     check_chat_template(cfg.data, tokenizer, data.format)
     model_config = load_model_config(cfg.model)
     check_max_length(cfg.data.max_length, model_config, tokenizer)
     check_lora_targets(cfg.lora, model_config, transformers.AutoModelForCausalLM)
-    accelerator, geometry = make_accelerator(cfg.train)
+    accelerator, geometry = make_accelerator(cfg.train, resolve_trackers(cfg.logging.trackers), output_dir)
     check_precision(cfg.train.weights_dtype, accelerator)
     return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
 
@@ -102,18 +90,10 @@ def setup(argv: list[str]):
 @exit_on_user_error
 def main(argv: list[str]) -> None:
     cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
-    check_machines_agree(accelerator, output_dir, config=config_to_dict(cfg), resume_from=resume_dir)
+    if DRY_RUN in argv:
+        return dry_run(cfg, data, tokenizer, accelerator, geometry)
+    log = start_run(accelerator, cfg, output_dir, resume_dir, "recipes/sft.py")
     set_seed(cfg.train.seed)  # before the model: model.random_init draws its weights from it
-    if accelerator.is_main_process:
-        if resume_dir is not None:
-            trim_metrics_log(output_dir / "metrics.jsonl", read_progress(resume_dir).step)
-        else:
-            clear_previous_run(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        rerun = "accelerate launch recipes/sft.py --config <this file> output.dir=<new dir>"
-        save_config(cfg, output_dir / "config.yaml", header=f"Resolved config; rerun with:\n  {rerun}")
-    accelerator.wait_for_everyone()
-    log = RunLog(accelerator, output_dir, cfg.logging.progress_bar)
 
     # ---- model
     model = load_causal_lm(cfg.model, tokenizer, WEIGHT_DTYPES[cfg.train.weights_dtype])
@@ -136,13 +116,7 @@ def main(argv: list[str]) -> None:
 
     # ---- data: tokens, targets masked, packed into rows of data.max_length if asked
     with accelerator.main_process_first():
-        train_set, train_report = tokenize_sft(data.train, tokenizer, cfg.data)
-        val_set, val_report = tokenize_sft(data.validation, tokenizer, cfg.data)
-        if cfg.data.packing:
-            train_set, val_set = (
-                pack_examples(train_set, cfg.data.max_length),
-                pack_examples(val_set, cfg.data.max_length),
-            )
+        train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
     log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
     collate = SFTCollator.for_tokenizer(tokenizer, flatten=flatten)
     if geometry is None:  # micro_batch_size: auto
@@ -225,6 +199,9 @@ def main(argv: list[str]) -> None:
     # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
     memory_before = memory_mb(accelerator.device)["now"]
     lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
+    early_stopping = EarlyStopping(
+        cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metric_for_best()
+    )
     warnings: list[str] = []
     log.start_progress(total_steps)
     log.advance(progress.step)
@@ -247,39 +224,55 @@ def main(argv: list[str]) -> None:
             checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
             with train_step.paused():  # evaluation and checkpoints are not training throughput
                 metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
-                if checkpoint_now or report.stop:
+                verdict = early_stopping.update(progress, metrics)
+                if checkpoint_now or report.stop or verdict.new_best:
                     saved_to = save(metrics, "preempted" if report.stop else "periodic")
             if report.stop:
                 log.close()
                 stop_for_signal(accelerator, signals, progress, saved_to, argv, log.info)
+            if verdict.stop:
+                log.info(verdict.reason)
+                break
 
-    # ---- evaluate and save
+    # ---- evaluate; with early stopping, final/ gets the best evaluated model
     run_stats = {
         **train_step.throughput.summary(),
         "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
     }
-    metrics = evaluate()
+    if not early_stopping.stopped:
+        early_stopping.update(progress, metrics := evaluate())
+    metrics, final_step = early_stopping.restore_best(accelerator, scheduler, output_dir, progress, metrics)
     log.close()
-    save_final(accelerator, model, tokenizer, output_dir / "final", cfg.data.max_length)
-    warnings += [metrics.pop("warning")] if "warning" in metrics else []
+    data_stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
+    summary = RunSummary(
+        "sft", metrics, ["loss", "perplexity", "exact_match"], len(train_set), len(val_set),
+        geometry.global_batch_size, progress.step, progress.epochs,
+        extra={"step": final_step, "epoch": progress.epochs, **run_stats, **data_stats}, warnings=warnings,
+        early_stopping=early_stopping.record(progress),
+    )  # fmt: skip
+    finish_run(accelerator, model, tokenizer, cfg, output_dir, summary, cfg.data.max_length)
+
+
+def tokenized(cfg: SFTConfig, data, tokenizer):
+    """Train and validation as token ids with loss masks, packed into rows if asked, and what was done."""
+    train_set, train_report = tokenize_sft(data.train, tokenizer, cfg.data)
+    val_set, val_report = tokenize_sft(data.validation, tokenizer, cfg.data)
+    if cfg.data.packing:
+        train_set = pack_examples(train_set, cfg.data.max_length)
+        val_set = pack_examples(val_set, cfg.data.max_length)
+    return train_set, train_report, val_set, val_report
+
+
+def dry_run(cfg: SFTConfig, data, tokenizer, accelerator, geometry) -> None:
+    """--dry-run: what the run would train on, for how many steps, and in how much memory; no weights read."""
     if accelerator.is_main_process:
-        data_stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
-        results = {
-            "step": progress.step,
-            "epoch": progress.epochs,
-            **metrics,
-            **run_stats,
-            **data_stats,
-            "warnings": warnings,
-        }
-        write_json(output_dir / "eval_results.json", results)
-        scores = " ".join(
-            f"{name}={metrics[name]:.4f}" for name in ("loss", "perplexity", "exact_match") if name in metrics
-        )
-        if warnings:
-            print("\n".join(["", "!" * 100, *(f"WARNING: {w}" for w in warnings), "!" * 100]), file=sys.stderr)
-        print(f"done{' WITH WARNINGS' if warnings else ''}: {output_dir / 'final'} {scores}")
-    accelerator.end_training()
+        train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
+        lines, longest = describe_data(train_set, train_report, val_set, val_report, cfg.data.packing)
+        model_config = load_model_config(cfg.model)
+        report_dry_run(
+            accelerator, cfg, geometry, lines, len(train_set), longest, model_config,
+            transformers.AutoModelForCausalLM, chunked_loss=cfg.train.chunked_loss,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

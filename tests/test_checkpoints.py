@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import CLASSIFY, REPO, launch, launch_command, read_jsonl
+from conftest import CLASSIFY, REPO, assert_tensorboard_matches_metrics_log, launch, launch_command, read_jsonl
 from safetensors.torch import load_file
 
 from finetune.checkpoints import (
@@ -312,6 +312,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference_run, tiny_bert
     assert_same_weights(reference_run, output_dir)
     steps = [r["step"] for r in read_jsonl(output_dir / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 151)), "the log keeps no record from after the checkpoint that was redone"
+    assert_tensorboard_matches_metrics_log(output_dir)  # the killed run's last records purged there too
 
 
 @pytest.mark.recipe
@@ -415,3 +416,38 @@ def test_lora_run_resumes_bitwise_and_its_checkpoints_score(tiny_bert, toy_data,
     at_step = json.loads((checkpoint / PROGRESS_FILE).read_text())["metrics"]
     assert scored["accuracy"] == at_step["accuracy"]
     assert scored["loss"] == pytest.approx(at_step["loss"], rel=1e-5)
+
+
+@pytest.mark.recipe
+def test_early_stopping_keeps_the_best_model_and_resumes_its_count(tiny_bert, toy_data, tmp_path):
+    """A learning rate too small to change a prediction: accuracy never improves on the first evaluation, so
+    with patience 3 and an evaluation every 10 steps the run stops after step 40 with final/ = the step-10 model.
+    Interrupted at step 12 and resumed, it stops at the same step: the count lives in the checkpoint."""
+    stopping = [
+        "train.lr=1e-9",
+        "eval.every_n_steps=10",
+        "train.early_stopping_patience=3",
+        "checkpoint.every_n_steps=null",
+    ]
+    whole = tmp_path / "whole"
+    run_to_end(run_args(tiny_bert, toy_data, whole, *stopping))
+    results = json.loads((whole / "eval_results.json").read_text())
+    assert results["early_stopping"] == {
+        "stopped_early": True, "step": 40, "best_step": 10, "metric": "accuracy",
+        "best_value": results["accuracy"], "patience": 3, "min_delta": 0.0,
+    }  # fmt: skip
+    assert results["step"] == 10, "final/ holds the best evaluated model and says so"
+    assert max(r["step"] for r in read_jsonl(whole / "metrics.jsonl")) == 40
+    best = (whole / CHECKPOINTS_DIR / "best").resolve()
+    assert best.name == "step_000010"
+    final, saved = load_file(whole / "final" / "model.safetensors"), load_file(best / "model" / "model.safetensors")
+    assert all(torch.equal(final[name], saved[name]) for name in saved)
+
+    resumed = tmp_path / "resumed"
+    args = run_args(tiny_bert, toy_data, resumed, *stopping)
+    _, last_logged = interrupt(args, 1, signal.SIGTERM, after_step=12, output_dir=resumed)
+    assert last_logged < 40
+    run_to_end([*args, "train.resume_from=latest"])
+    again = json.loads((resumed / "eval_results.json").read_text())
+    assert again["early_stopping"] == results["early_stopping"]
+    assert_same_weights(whole, resumed)

@@ -98,3 +98,16 @@ def test_zero2_resumes_from_a_checkpoint_bitwise(tiny_bert, toy_data, tmp_path):
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_zero3_dry_run_estimates_sharded_memory_without_a_collective(tiny_bert, toy_data, tmp_path):
+    """Under ZeRO-3 transformers builds models through deepspeed.zero.Init, a collective: the dry run builds its
+    meta model on the main process alone, and divides weights, gradients and optimizer state by the processes."""
+    out = tmp_path / "out"
+    args = [*toy_args(tiny_bert, toy_data, out, 8), "--dry-run"]
+    result = launch(CLASSIFY, args, processes=2, config_file=CONFIGS / "deepspeed_zero3.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launch: 2 process(es) (DeepSpeed, zero3)" in result.stdout
+    assert "zero3 over 2 processes: weights / 2, gradients / 2, optimizer state / 2" in result.stdout
+    assert "effective batch 32 = micro-batch 8 x accumulation 2 x 2 process(es)" in result.stdout
+    assert not out.exists()

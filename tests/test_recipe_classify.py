@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLASSIFY, REPO, launch, read_jsonl, write_rows
+from conftest import (
+    CLASSIFY,
+    REPO,
+    assert_tensorboard_matches_metrics_log,
+    keyword_rows,
+    launch,
+    read_jsonl,
+    write_rows,
+)
 
 pytestmark = pytest.mark.recipe
 
@@ -67,6 +77,22 @@ def test_training_loss_fell_and_metrics_are_logged(finished_run: Path):
     assert 0 <= evals[-1]["eval_f1_macro"] <= 1
 
 
+def test_trackers_get_every_metric_and_the_config(finished_run: Path):
+    """TensorBoard is installed with the test extra, so the default logging.trackers (null) uses it: every
+    scalar of metrics.jsonl is in the event files at its step, and the config is logged as hyperparameters."""
+    assert_tensorboard_matches_metrics_log(finished_run)
+    hparams = list((finished_run / "logs" / "finetune").glob("*/hparams.yml"))
+    assert hparams and yaml.safe_load(hparams[0].read_text())["train.lr"] == 3e-3
+
+
+def test_curves_are_drawn(finished_run: Path):
+    from matplotlib.image import imread
+
+    image = imread(finished_run / "curves.png")
+    assert image.shape[0] > 300 and image.shape[1] > 300
+    assert len(set(image.reshape(-1, image.shape[-1])[:, 0].tolist())) > 10, "an empty canvas"
+
+
 def test_final_model_loads_in_pipeline_with_label_names(finished_run: Path):
     from transformers import pipeline
 
@@ -75,11 +101,25 @@ def test_final_model_loads_in_pipeline_with_label_names(finished_run: Path):
     assert [p["label"] for p in predictions] == ["fruit", "vehicle", "animal"]
 
 
-def test_saved_config_reproduces_the_run(finished_run: Path, tmp_path):
+def test_the_model_cards_command_reproduces_the_run(finished_run: Path, tmp_path):
+    """final/README.md is a Hugging Face model card; the command it gives trains the same model again."""
+    from huggingface_hub import ModelCard
+
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert saved["train"]["lr"] == 3e-3 and saved["output"]["dir"] == str(finished_run)
+    card = ModelCard.load(finished_run / "final" / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and card.data.library_name == "transformers"
+    assert "accuracy" in card.data.metrics and "finetune" in card.data.tags
+    assert card.data.base_model is None, "a local model path is no Hub id: it goes in the text, not base_model"
+    results = json.loads((finished_run / "eval_results.json").read_text())
+    for text in ("240 examples", "37 examples", "Effective batch 16", f"{results['accuracy']:.4g}", "animal"):
+        assert text in card.text, text
+    command = shlex.split(re.search(r"```bash\n(accelerate launch .*)\n```", card.text).group(1))
+    script = command.index("recipes/classify.py")
     rerun_dir = tmp_path / "rerun"
-    result = launch(CLASSIFY, ["--config", str(finished_run / "config.yaml"), f"output.dir={rerun_dir}"])
+    args = [a if not a.startswith("output.dir=") else f"output.dir={rerun_dir}" for a in command[script + 1 :]]
+    assert args[:2] == ["--config", str(finished_run / "config.yaml")]
+    result = launch(CLASSIFY, args)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((finished_run / "eval_results.json").read_text())
     again = json.loads((rerun_dir / "eval_results.json").read_text())
@@ -117,6 +157,7 @@ def test_bad_inputs_exit_2_before_writing(tiny_bert, toy_data, tmp_path, capsys,
     no_text = write_rows(tmp_path / "no_text.csv", [{"sentence": "a", "label": "x"}] * 5)
     unseen = write_rows(tmp_path / "unseen.csv", [{"text": "the red apple", "label": "mineral"}])
     empty = write_rows(tmp_path / "empty.jsonl", [{"text": " ", "label": "x"}])
+    one_class = write_rows(tmp_path / "one_class.csv", keyword_rows(20, labels=["fruit"]))
     cases = {
         "trian.epochs=1": "trian.epochs (command line): unknown key; did you mean `train.epochs`?",
         f"data.train={tmp_path / 'missing.csv'}": f"data.train: file or folder not found: {tmp_path / 'missing.csv'}",
@@ -126,12 +167,17 @@ def test_bad_inputs_exit_2_before_writing(tiny_bert, toy_data, tmp_path, capsys,
         "data.max_length=512": "data.max_length=512 is above the model's limit of 64 tokens",
         "train.lr_scheduler=cosin": "train.lr_scheduler (command line): expected one of linear, cosine, constant",
         "eval.metrics=[accuracy,acuracy]": "eval.metrics: unknown metric(s) ['acuracy']; offline metrics are",
+        f"data.train={one_class}": "every training example has label 'fruit'; a classifier needs at least 2 classes",
+        "logging.trackers=[tensorbord]": "logging.trackers: unknown tracker(s) tensorbord; choose from tensorboard,",
+        "logging.trackers=[swanlab]": "logging.trackers lists swanlab, not installed here (swanlab: install swanlab)",
     }
     for override, message in cases.items():
         assert message in run_bad([*base, override], capsys), override
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     err = run_bad([*base, "train.mixed_precision=bf16"], capsys)
     assert "train.mixed_precision=bf16 (recipe config) conflicts with mixed precision 'no' from the launcher" in err
+    err = run_bad([*base, "eval.every_n_steps=null", "train.early_stopping_patience=3"], capsys)
+    assert "train.early_stopping_patience=3 needs evaluations during training: set eval.every_n_steps" in err
     assert not out.exists(), "bad input must not leave an output dir behind"
 
 
@@ -166,3 +212,47 @@ def test_cli_errors_through_python_and_accelerate_launch(tmp_path):
     assert launched.returncode != 0  # accelerate launch reports any child failure as its own exit 1
     assert "trian.epochs (command line): unknown key; did you mean `train.epochs`?" in launched.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run: everything resolved and checked, nothing trained or written
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dry_run_reports_data_steps_parameters_and_memory_without_writing(
+    finished_run, tiny_bert, toy_data, tmp_path, capsys
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.modeling import apply_lora
+    from finetune.recipe_configs import LoraConfig
+
+    out = tmp_path / "out"
+    recipe_main()([*toy_args(tiny_bert, toy_data, out), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert not out.exists(), "a dry run writes nothing"
+    assert "train: 240 examples; labels animal 80, fruit 80, vehicle 80" in printed
+    assert "validation: 37 examples; labels" in printed and "0 of 240 (0.0%) longer than 32" in printed
+    assert "effective batch 16 = micro-batch 8 x accumulation 2 x 1 process(es)" in printed
+    assert "optimizer steps: 120 (8 epochs)" in printed  # what the finished run trained
+    model = AutoModelForSequenceClassification.from_pretrained(finished_run / "final")
+    total = sum(p.numel() for p in model.parameters())
+    assert f"parameters: {total:,}, {total:,} trainable (100.00%)" in printed
+    assert re.search(r"peak memory per process at micro-batch 8 x \d+ tokens \(estimate\)", printed)
+
+    recipe_main()([*toy_args(tiny_bert, toy_data, out), "lora.enabled=true", "lora.r=4", "--dry-run"])
+    printed = capsys.readouterr().out
+    lora = apply_lora(model, LoraConfig(enabled=True, r=4))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert f"{trainable:,} trainable with LoRA" in printed and not out.exists()
+
+
+@pytest.mark.multiprocess
+def test_dry_run_shows_the_geometry_of_the_launch_in_use(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "out"
+    result = launch(CLASSIFY, [*toy_args(tiny_bert, toy_data, out), "--dry-run"], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("dry run:") == 1, "the main process reports"
+    assert "effective batch 32 = micro-batch 8 x accumulation 2 x 2 process(es)" in result.stdout
+    assert "optimizer steps: 64 (8 epochs)" in result.stdout  # 30 batches / 2 processes = 15, / 2 = 8 per epoch
+    assert not out.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import shutil
 import string
 from pathlib import Path
@@ -120,7 +121,32 @@ def test_run_writes_a_generating_model_eval_metrics_and_generations(tiny_lm, cha
     chat = [{"role": "user", "content": "reverse abc"}]
     reply = generator(chat, max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert reply[-1]["role"] == "assistant"  # the chat template travelled with final/
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "final" / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and "sft" in card.data.tags
+    assert "random weights" in card.text and f"{results['perplexity']:.4g}" in card.text
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "logs" / "finetune").is_dir()
     AcceleratorState._reset_state(True)
+
+
+def test_dry_run_reports_rows_steps_parameters_and_memory_without_writing(tiny_lm, chat_data, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    recipe_main()(sft_args(tiny_lm, chat_data, out, "train.epochs=2", "data.packing=true", "--dry-run"))
+    printed = capsys.readouterr().out
+    assert not out.exists(), "a dry run writes nothing"
+    assert "train: 48 examples: 48 kept (0 truncated to 64 tokens)" in printed
+    rows = int(printed.split("packed rows of up to 64 tokens")[0].rsplit("; ", 1)[1].replace(",", ""))
+    assert 10 <= rows < 48
+    assert f"optimizer steps: {2 * -(-rows // 4)} (2 epochs)" in printed
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_lm))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"parameters: {total:,}, {total:,} trainable (100.00%)" in printed
+    longest = int(re.search(r"peak memory per process at micro-batch 4 x (\d+) tokens \(estimate\)", printed).group(1))
+    assert 50 < longest <= 64  # the longest packed row
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

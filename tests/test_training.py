@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from finetune.accumulation import count_label_terms, summed_classification_loss
 from finetune.checkpoints import Progress
 from finetune.errors import UserError
-from finetune.training import StopSignals, TrainStep, training_windows
+from finetune.training import EarlyStopping, StopSignals, TrainStep, training_windows
 
 
 def make_accelerator(k: int) -> Accelerator:
@@ -116,3 +116,61 @@ def test_a_signal_asks_for_a_stop_after_the_step_and_handlers_are_restored():
         assert report.stop and signals.name == "SIGTERM" and progress.step == 1
         raise RuntimeError("boom")
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# --------------------------------------------------------------------------------------------
+# Early stopping
+# --------------------------------------------------------------------------------------------
+
+
+def run_evaluations(stopping: EarlyStopping, values: list[float], progress: Progress | None = None):
+    """Feed one evaluation per step; the verdicts, and the progress record that carries the state."""
+    progress = progress or Progress(batches_per_epoch=10)
+    verdicts = []
+    for value in values:
+        progress.step += 1
+        verdicts.append(stopping.update(progress, {stopping.metric: value}))
+        if verdicts[-1].stop:
+            break
+    return verdicts, progress
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    verdicts, progress = run_evaluations(EarlyStopping(2, 0.0, "loss"), [1.0, 0.8, 0.9, 0.7, 0.75, 0.7, 0.5])
+    assert [v.new_best for v in verdicts] == [True, True, False, True, False, False]  # 0.7 again is no better
+    assert [v.stop for v in verdicts] == [False] * 5 + [True]
+    assert (progress.step, progress.best_step, progress.best_value) == (6, 4, 0.7)
+    assert "after step 6" in verdicts[-1].reason and "was at step 4" in verdicts[-1].reason
+
+    higher = EarlyStopping(1, 0.0, "accuracy")
+    verdicts, progress = run_evaluations(higher, [0.5, 0.6, 0.6])  # equal is no improvement
+    assert [v.stop for v in verdicts] == [False, False, True] and progress.best_step == 2
+
+
+def test_min_delta_and_nan_are_not_improvements_but_the_best_is_still_tracked():
+    stopping = EarlyStopping(2, 0.05, "accuracy")
+    verdicts, progress = run_evaluations(stopping, [0.50, 0.53, 0.56, 0.9])
+    # 0.53 beats 0.50 (a new best, checkpointed) but not by more than 0.05; 0.56 is +0.06 over 0.50
+    assert [v.new_best for v in verdicts] == [True, True, True, True]
+    assert progress.evals_without_improvement == 0 and not stopping.stopped
+    verdicts, progress = run_evaluations(EarlyStopping(2, 0.0, "loss"), [1.0, float("nan"), float("nan")])
+    assert [v.new_best for v in verdicts] == [True, False, False] and verdicts[-1].stop
+
+
+def test_early_stopping_state_survives_a_checkpoint_round_trip(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from finetune.checkpoints import read_progress
+
+    stopping = EarlyStopping(3, 0.0, "loss")
+    _, progress = run_evaluations(stopping, [1.0, 0.5, 0.6, 0.7])  # 2 evaluations without improvement
+    (tmp_path / "progress.json").write_text(json.dumps(asdict(progress)))
+    restored = read_progress(tmp_path)
+    verdicts, restored = run_evaluations(EarlyStopping(3, 0.0, "loss"), [0.55], restored)
+    assert verdicts[-1].stop and restored.best_step == 2
+
+
+def test_disabled_early_stopping_never_stops_or_checkpoints():
+    verdicts, progress = run_evaluations(EarlyStopping(None, 0.0, "loss"), [1.0, 2.0, 3.0, 4.0])
+    assert not any(v.stop or v.new_best for v in verdicts) and progress.best_step is None
