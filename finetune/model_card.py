@@ -268,12 +268,15 @@ def _procedure(facts: CardFacts) -> list[str]:
             f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout {_num(lora.get('dropout'))}, "
             f"targets {targets}; merged into the weights of final/"
         ]
-    if facts.stopped_early:
-        stop = dict(facts.stopped_early)
-        text = f"Early stopping: stopped at step {stop.pop('step', '?')}"
-        text += f", best step {stop.pop('best_step')}" if "best_step" in stop else ""
-        text += "".join(f", {key} {value}" for key, value in stop.items() if key != "reason")
-        lines += [text + (f": {stop['reason']}" if "reason" in stop else "")]
+    if facts.stopped_early:  # finetune.training.EarlyStopping.record
+        stop = facts.stopped_early
+        metric, best = stop.get("metric", facts.metric_for_best), stop.get("best_value")
+        value = f" ({metric} {_fmt(best)})" if isinstance(best, (int, float)) else ""
+        lines += [
+            f"Stopped early after step {stop.get('step', '?')}: {metric} did not improve in "
+            f"{stop.get('patience', '?')} evaluations; final/ holds the best model, of step "
+            f"{stop.get('best_step', '?')}{value}"
+        ]
     return lines
 
 

@@ -17,7 +17,12 @@ from finetune.model_card import CardFacts, describe_hardware
 from finetune.modeling import save_final
 from finetune.runs import write_json
 
-LAUNCHED_AT = time.time()  # the recipe imports this module first thing: the wall time of this launch
+
+def wall_time_s() -> float:
+    """Seconds since this process started (imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 @dataclass
@@ -63,8 +68,10 @@ def finish_run(
     metrics = dict(summary.metrics)
     found = [metrics.pop("warning")] if "warning" in metrics else []
     warnings = [*summary.warnings, *found]
+    wall = wall_time_s()
     results = {
         **summary.extra,
+        "wall_time_s": round(wall, 1),
         **metrics,
         "metric_for_best": cfg.metric_for_best(),
         **({"early_stopping": summary.early_stopping} if summary.early_stopping else {}),
@@ -82,7 +89,7 @@ def finish_run(
         epochs=summary.epochs,
         precision=precision_text(accelerator, cfg.train.weights_dtype),
         hardware=describe_hardware(accelerator),
-        wall_time_s=time.time() - LAUNCHED_AT,
+        wall_time_s=wall,
         command=reproduce_command(summary.recipe, output_dir, accelerator),
         label_names=summary.label_names,
         stopped_early=summary.early_stopping if (summary.early_stopping or {}).get("stopped_early") else None,

@@ -66,7 +66,10 @@ def sft_facts(tmp_path: Path) -> CardFacts:
         validation_examples=50, effective_batch=32, optimizer_steps=40, epochs=1.6, precision="fp32",
         hardware="CPU: Some CPU (2 cores), 1 process, torch 2.13.0", wall_time_s=3725.0,
         command="accelerate launch recipes/sft.py --config run-sft/config.yaml",
-        stopped_early={"step": 40, "best_step": 20, "reason": "loss did not improve for 2 evaluations"},
+        stopped_early={
+            "stopped_early": True, "step": 40, "best_step": 20, "metric": "loss", "best_value": 1.23456,
+            "patience": 2, "min_delta": 0.0,
+        },  # fmt: skip
     )  # fmt: skip
 
 
@@ -129,7 +132,10 @@ def test_sft_card_local_model_and_data(tmp_path):
     # the micro-batch and accumulation came from global_batch_size at run time: not multiplied from config keys
     assert "Effective batch 32 packed rows (train.micro_batch_size=4, train.global_batch_size=32)" in body
     assert "Early stopping on loss: patience 2 evaluations\n" in body
-    assert "Early stopping: stopped at step 40, best step 20: loss did not improve for 2 evaluations" in body
+    assert (
+        "Stopped early after step 40: loss did not improve in 2 evaluations; final/ holds the best model, of step 20 "
+        "(loss 1.235)" in body
+    )
     assert "Wall time 1 h 02 min" in body and "Peak" not in body  # no memory_mb in the results
     assert f'pipeline("text-generation", model="{tmp_path / "run-sft" / "final"}")' in body
 
