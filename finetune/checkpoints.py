@@ -37,7 +37,7 @@ from accelerate.utils import SCHEDULER_NAME, set_seed
 
 from finetune.config import flatten, read_yaml, save_config
 from finetune.errors import UserError, first_line
-from finetune.metrics import LOWER_IS_BETTER
+from finetune.metric_names import LOWER_IS_BETTER
 from finetune.runs import replace_dir, write_json
 
 CHECKPOINTS_DIR = "checkpoints"

@@ -24,6 +24,7 @@ from finetune.data import read_source, read_validation
 from finetune.dry_run import describe_lengths
 from finetune.errors import UserError
 from finetune.modeling import load_pretrained
+from finetune.token_cache import cached_tokenization
 
 # --------------------------------------------------------------------------------------------
 
@@ -223,7 +224,8 @@ def load_classification_data(cfg) -> ClassificationData:
 
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Token ids truncated to `max_length`, no padding (batches are padded by the collator)."""
+    """Token ids truncated to `max_length`, no padding (batches are padded by the collator); cached on disk
+    (`finetune.token_cache`), so a second run with the same data and tokenizer does not tokenize again."""
     has_pair = "text_pair" in ds.column_names
 
     def encode(batch: dict) -> dict:
@@ -233,7 +235,11 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
             encoded["labels"] = batch["label"]
         return encoded
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True, desc="Tokenizing")
+    def build() -> tuple[Dataset, dict]:
+        mapped = ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True, desc="Tokenizing")
+        return mapped, {}
+
+    return cached_tokenization(ds, tokenizer, {"max_length": max_length}, build, code=tokenize)[0]
 
 
 def padding_collator(

@@ -9,7 +9,6 @@ import torch
 from accelerate import Accelerator
 
 from finetune.errors import UserError
-from finetune.metrics import load_metric
 
 
 @dataclass
@@ -56,6 +55,8 @@ def classification_metrics(
         logits = torch.from_numpy(predictions.logits)
         labels = torch.from_numpy(predictions.labels).long()
         loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    from finetune.metrics import load_metric  # evaluate, seconds to import: not before the first evaluation
+
     results = {}
     for name in names:
         metric = load_metric(name)

@@ -12,7 +12,7 @@ import math
 import re
 import string
 from bisect import bisect_left, insort
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from finetune.data import read_source, read_validation
 from finetune.errors import UserError, first_line
 from finetune.paths import local_path
 from finetune.recipe_configs import SFTDataConfig
+from finetune.token_cache import cached_tokenization
 
 # Columns of each format after `load_sft_data`.
 FORMAT_COLUMNS = {"chat": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
@@ -507,13 +508,17 @@ def tokenize_sft(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SFTDataCo
             out["_targets"].append(targets)
         return out
 
-    tokenized = ds.map(
-        encode,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        desc="Tokenizing",
-    )
+    def build() -> tuple[Dataset, dict]:
+        tokenized, report = _tokenize_and_count(ds, encode, max_length)
+        return tokenized, asdict(report)
+
+    settings = {name: getattr(cfg, name) for name in ("max_length", "too_long", "train_on_prompt")}
+    tokenized, report = cached_tokenization(ds, tokenizer, settings, build, code=tokenize_sft)
+    return tokenized, TokenizeReport(**report)
+
+
+def _tokenize_and_count(ds: Dataset, encode, max_length: int) -> tuple[Dataset, TokenizeReport]:
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True, desc="Tokenizing")
     table = tokenized.with_format("arrow")[:]  # whole columns at once (datasets >= 4 iterates a column by rows)
     status = table.column("_status").to_numpy()
     targets = table.column("_targets").to_numpy()

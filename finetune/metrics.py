@@ -17,7 +17,16 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
+from finetune import metric_names as names
 from finetune.errors import UserError, first_line
+from finetune.metric_names import (  # noqa: F401  (the names, re-exported for callers that evaluate anyway)
+    AVERAGES,
+    LOWER_IS_BETTER,
+    available_metrics,
+    check_metric_names,
+    default_metrics,
+    is_regression_metric,
+)
 
 _CLASS_FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
 _FLOAT_FEATURES = datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")})
@@ -107,25 +116,14 @@ class MeanSquaredError(_OfflineMetric):
         return skm.mean_squared_error(references, predictions)
 
 
-AVERAGES = ("micro", "macro", "weighted")
 CLASSIFICATION = {"accuracy": Accuracy, "matthews_correlation": MatthewsCorrelation}
 AVERAGED = {"precision": Precision, "recall": Recall, "f1": F1}
 REGRESSION = {"pearson": Pearson, "spearman": Spearman, "mse": MeanSquaredError}
-LOWER_IS_BETTER = {"mse", "loss", "perplexity"}
-
-
-def available_metrics() -> list[str]:
-    averaged = [f"{name}_{avg}" for name in AVERAGED for avg in AVERAGES]
-    return [*CLASSIFICATION, *AVERAGED, *averaged, *REGRESSION]
-
-
-def default_metrics(regression: bool) -> list[str]:
-    """What training and finetune-eval report when eval.metrics is not set."""
-    return ["pearson", "spearman", "mse"] if regression else ["accuracy", "f1_macro"]
-
-
-def is_regression_metric(name: str) -> bool:
-    return name in REGRESSION
+assert (tuple(CLASSIFICATION), tuple(AVERAGED), tuple(REGRESSION)) == (
+    names.CLASSIFICATION,
+    names.AVERAGED,
+    names.REGRESSION,
+)
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
@@ -145,18 +143,3 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
             f"unknown metric {name!r}: offline metrics are {', '.join(available_metrics())}. "
             f"Other names are loaded from the Hugging Face Hub, which needs network ({first_line(err)})."
         ) from None
-
-
-def check_metric_names(names: list[str], regression: bool, key: str = "eval.metrics") -> None:
-    """Names must be offline metrics of the right kind (classification or regression); before any work."""
-    known = set(available_metrics())
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UserError(
-            f"{key}: unknown metric(s) {unknown}; offline metrics are {', '.join(available_metrics())}. "
-            "Hub metrics (evaluate.load) need network and are not used in training."
-        )
-    wrong = [n for n in names if is_regression_metric(n) != regression]
-    if wrong:
-        kind = "regression (1 output)" if regression else "classification"
-        raise UserError(f"{key}: {wrong} do not apply to a {kind} model.")

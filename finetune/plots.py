@@ -82,7 +82,7 @@ def resolve_metric_for_best(run_dir: Path) -> str | None:
 
 def lower_is_better(metric: str) -> bool:
     # Imported on use: finetune.metrics pulls in datasets/evaluate/sklearn (seconds), and `--help` should be instant.
-    from finetune.metrics import LOWER_IS_BETTER
+    from finetune.metric_names import LOWER_IS_BETTER
 
     return metric.removeprefix("eval_") in LOWER_IS_BETTER
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from finetune.config import option
-from finetune.metrics import default_metrics
+from finetune.metric_names import default_metrics
 
 
 @dataclass

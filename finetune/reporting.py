@@ -16,13 +16,12 @@ from finetune.config import config_to_dict
 from finetune.model_card import CardFacts, describe_hardware
 from finetune.modeling import save_final
 from finetune.runs import write_json
+from finetune.startup import process_start_time, startup
 
 
 def wall_time_s() -> float:
     """Seconds since this process started (imports included)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
+    return time.time() - process_start_time()
 
 
 @dataclass
@@ -72,6 +71,7 @@ def finish_run(
     results = {
         **summary.extra,
         "wall_time_s": round(wall, 1),
+        "startup_s": startup.record(),
         **metrics,
         "metric_for_best": cfg.metric_for_best(),
         **({"early_stopping": summary.early_stopping} if summary.early_stopping else {}),

@@ -14,6 +14,7 @@ from finetune.checkpoints import config_changes, read_progress, refuse_changes, 
 from finetune.config import config_to_dict, load_config, save_config
 from finetune.multinode import check_machines_agree
 from finetune.runs import check_output_dir, clear_previous_run, is_finished
+from finetune.startup import startup
 from finetune.tracking import RunLog
 
 
@@ -22,6 +23,7 @@ def open_run(schema: type, argv: list[str], default_config: Path, script: str):
 
     A requeued job whose run already finished exits 0 here; everything else that is wrong is a UserError
     before any data or weights load."""
+    startup.mark("imports")
     cfg = load_config(schema, argv, default_config, prog=script)
     datasets.disable_progress_bars()  # small in-memory steps; the recipe reports what matters
     transformers.logging.disable_progress_bar()  # bars per weight load/save would drown the log
@@ -44,6 +46,7 @@ def open_run(schema: type, argv: list[str], default_config: Path, script: str):
 def start_run(accelerator: Accelerator, cfg, output_dir: Path, resume_dir: Path | None, script: str) -> RunLog:
     """Make the output dir ready (a fresh run clears what `check_output_dir` allowed; a resumed one trims its
     metrics log to the checkpoint) with the resolved config in it, and open the run's log and trackers."""
+    startup.mark("setup")  # config, data read, tokenizer, checks, Accelerator
     # Several machines must share output.dir (checkpoints hold every process's RNG file) and the config.
     check_machines_agree(accelerator, output_dir, config=config_to_dict(cfg), resume_from=resume_dir)
     first_step = read_progress(resume_dir).step if resume_dir is not None else 0

@@ -69,7 +69,7 @@ from finetune.lm_data import (
 )
 from finetune.lm_evaluation import evaluate_lm, generate_greedy, score_generations, write_generations
 from finetune.lm_loss import check_packing_supported, enable_chunked_loss, next_token_loss
-from finetune.metrics import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
+from finetune.metric_names import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
 from finetune.modeling import load_causal_lm, load_tokenizer
 from finetune.paths import local_path, looks_like_path
 from finetune.recipe_configs import DataConfig, SFTDataConfig, SFTModelConfig

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from finetune.errors import UserError
+from finetune.startup import startup
 
 # logging.trackers names (Accelerate's) -> what to install for each.
 TRACKER_PACKAGES = {
@@ -100,10 +101,10 @@ class RunLog:
                 },
             )
 
-    def start_progress(self, total_steps: int) -> None:
-        """Show a progress bar over `total_steps` optimizer steps (main process, when enabled)."""
+    def start_progress(self, total_steps: int, done: int = 0) -> None:
+        """Show a progress bar over `total_steps` optimizer steps, `done` of them already (a resumed run)."""
         if self.use_bar:
-            self.bar = tqdm(total=total_steps, desc="train", unit="step")
+            self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step")
 
     def info(self, message: str) -> None:
         """A line for the user (main process)."""
@@ -125,9 +126,13 @@ class RunLog:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
         self.info(" ".join(f"{k}={_format(v)}" for k, v in record.items()))
 
-    def advance(self, steps: int = 1) -> None:
+    def advance(self) -> None:
+        """An optimizer step was taken; the first one of this launch ends the startup."""
         if self.bar:
-            self.bar.update(steps)
+            self.bar.update(1)
+        if not startup.done:
+            startup.mark("first_step")
+            self.info(startup.describe())
 
     def close(self) -> None:
         """Close the bar and finish the trackers (their files complete even if the process exits next)."""

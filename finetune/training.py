@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from finetune.accumulation import LossMeter, Window, WindowBackward, windows
 from finetune.checkpoints import BEST_LINK, CHECKPOINTS_DIR, Progress, load_checkpoint, resume_command, seed_window
 from finetune.errors import UserError
-from finetune.metrics import LOWER_IS_BETTER
+from finetune.metric_names import LOWER_IS_BETTER
 from finetune.precision import LostUpdateCheck
 from finetune.tracking import Throughput
 

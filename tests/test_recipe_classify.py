@@ -65,6 +65,16 @@ def test_run_writes_every_output(finished_run: Path):
     assert results["step"] == 8 * 15  # 240 examples / 8 per micro-batch / 2 accumulation = 15 steps per epoch
 
 
+def test_the_time_to_the_first_step_is_reported_by_part(finished_run: Path):
+    results = json.loads((finished_run / "eval_results.json").read_text())
+    startup = results["startup_s"]
+    assert list(startup) == ["total", "imports", "setup", "model", "data", "first_step"]
+    assert all(seconds >= 0 for seconds in startup.values())
+    assert sum(startup.values()) - startup["total"] == pytest.approx(startup["total"], abs=0.01)
+    assert startup["imports"] > 0.5, "process start is the OS's, before Python imported anything"
+    assert startup["total"] < results["wall_time_s"]
+
+
 def test_training_loss_fell_and_metrics_are_logged(finished_run: Path):
     records = read_jsonl(finished_run / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
@@ -123,7 +133,14 @@ def test_the_model_cards_command_reproduces_the_run(finished_run: Path, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((finished_run / "eval_results.json").read_text())
     again = json.loads((rerun_dir / "eval_results.json").read_text())
-    run_stats = ("train_runtime_s", "train_samples_per_s", "train_tokens_per_s", "memory_mb", "wall_time_s")
+    run_stats = (
+        "train_runtime_s",
+        "train_samples_per_s",
+        "train_tokens_per_s",
+        "memory_mb",
+        "wall_time_s",
+        "startup_s",
+    )
     assert {k: v for k, v in again.items() if k not in run_stats} == {
         k: v for k, v in first.items() if k not in run_stats
     }
