@@ -39,7 +39,7 @@ from finetune.evaluation import evaluate_classifier
 from finetune.fsdp import prepare_fsdp
 from finetune.launch import make_accelerator
 from finetune.memory import rehearse_step
-from finetune.metrics import check_metric_names
+from finetune.metric_names import check_metric_names
 from finetune.modeling import (
     apply_lora,
     check_lora_targets,
@@ -54,6 +54,7 @@ from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, 
 from finetune.recipe_configs import ClassifyConfig
 from finetune.reporting import RunSummary, finish_run
 from finetune.run_start import open_run, start_run
+from finetune.startup import startup
 from finetune.tracking import memory_mb, resolve_trackers
 from finetune.training import (
     EarlyStopping,
@@ -103,6 +104,7 @@ def main(argv: list[str]) -> None:
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
     prepare_fsdp(accelerator, model)  # a no-op unless launched with FSDP2: see finetune/fsdp.py
     model, optimizer = accelerator.prepare(model, optimizer)
+    startup.mark("model")
 
     # ---- data
     with accelerator.main_process_first():
@@ -179,14 +181,14 @@ def main(argv: list[str]) -> None:
         )
 
     # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
+    startup.mark("data")  # tokenization, batches, schedule, resume
     memory_before = memory_mb(accelerator.device)["now"]
     lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
     early_stopping = EarlyStopping(
         cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metric_for_best()
     )
     warnings: list[str] = []
-    log.start_progress(total_steps)
-    log.advance(progress.step)
+    log.start_progress(total_steps, done=progress.step)
     model.train()
     with StopSignals() as signals:
         train_step = TrainStep(

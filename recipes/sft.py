@@ -58,6 +58,7 @@ from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, 
 from finetune.recipe_configs import SFTConfig
 from finetune.reporting import RunSummary, finish_run
 from finetune.run_start import open_run, start_run
+from finetune.startup import startup
 from finetune.tracking import memory_mb, resolve_trackers
 from finetune.training import (
     EarlyStopping,
@@ -113,6 +114,7 @@ def main(argv: list[str]) -> None:
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
     prepare_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    startup.mark("model")
 
     # ---- data: tokens, targets masked, packed into rows of data.max_length if asked
     with accelerator.main_process_first():
@@ -197,14 +199,14 @@ def main(argv: list[str]) -> None:
         )
 
     # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
+    startup.mark("data")  # tokenization, batches, schedule, resume
     memory_before = memory_mb(accelerator.device)["now"]
     lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
     early_stopping = EarlyStopping(
         cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metric_for_best()
     )
     warnings: list[str] = []
-    log.start_progress(total_steps)
-    log.advance(progress.step)
+    log.start_progress(total_steps, done=progress.step)
     model.train()
     with StopSignals() as signals:
         train_step = TrainStep(
