@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from finetune.errors import UserError, exit_on_user_error
+from finetune.metric_names import LOWER_IS_BETTER
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_SERIES = ("loss", "lr")  # the training panels, in this order
@@ -81,9 +82,6 @@ def resolve_metric_for_best(run_dir: Path) -> str | None:
 
 
 def lower_is_better(metric: str) -> bool:
-    # Imported on use: finetune.metrics pulls in datasets/evaluate/sklearn (seconds), and `--help` should be instant.
-    from finetune.metric_names import LOWER_IS_BETTER
-
     return metric.removeprefix("eval_") in LOWER_IS_BETTER
 
 
