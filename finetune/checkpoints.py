@@ -2,8 +2,9 @@
 
 A checkpoint is `<run>/checkpoints/step_NNNNNN/`:
 
-    state/          accelerator.save_state: model, optimizer, scheduler, grad scaler, every process's RNG
-    model/          save_pretrained weights (safetensors) + tokenizer: what finetune-eval scores
+    state/          accelerator.save_state: optimizer, scheduler, grad scaler, every process's RNG
+    model/          save_pretrained weights (safetensors) + tokenizer: what finetune-eval scores, and what a
+                    resumed run loads its weights from. With LoRA, the adapter alone (the trainable weights).
     config.yaml     the resolved config of the run
     progress.json   step, epoch, batches into the epoch, samples seen, batch geometry, eval metrics
 
@@ -11,6 +12,12 @@ It is written into `.tmp-step_NNNNNN/` and renamed into place, progress.json las
 leaves a `.tmp-*` dir that nothing mistakes for a checkpoint. After each save the newest
 `checkpoint.keep_last` checkpoints are kept plus the best by `eval.metric_for_best` (`checkpoints/best`
 links to it).
+
+The weights are written once. `keep_weights_once` registers Accelerate save/load hooks: `save_state` leaves
+the model out of state/ and `load_state` reads it from model/ instead (bitwise the same tensors). A LoRA
+checkpoint holds only the trainable weights and their optimizer state: the frozen base is the model the run
+started from, and state/base_model.json keeps a hash of its frozen weights, compared on resume. Under
+DeepSpeed and FSDP the engine's sharded state/ keeps its own copy of the weights (model/ is the gathered one).
 
 Exact resume needs the same data in the same order and the same dropout masks. The shuffle order is
 a function of (seed, epoch) alone (Accelerate's seedable sampler, or `LengthGroupedSampler`), so a
@@ -32,8 +39,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
-from accelerate.utils import SCHEDULER_NAME, set_seed
+from accelerate.utils import SCHEDULER_NAME, extract_model_from_parallel, set_seed
 
 from finetune.config import flatten, read_yaml, save_config
 from finetune.errors import UserError, first_line
@@ -48,6 +56,7 @@ PROGRESS_FILE = "progress.json"
 # engine but never hands it over, so neither saves it): its state then goes here, as JSON.
 SCHEDULER_FILE = "scheduler.json"
 BEST_LINK = "best"
+BASE_MODEL_FILE = "base_model.json"  # in state/: the hash of a LoRA run's frozen base weights
 _NAME = re.compile(r"^step_(\d+)$")
 
 # Keys whose change makes a resumed run a different run than the one checkpointed.
@@ -262,6 +271,86 @@ def save_checkpoint(
     return target
 
 
+def keep_weights_once(accelerator: Accelerator) -> None:
+    """Checkpoints hold the weights once, in model/: `save_state` skips them and `load_state` reads model/.
+
+    Only the weights Accelerate itself would write are affected (one process or DDP); DeepSpeed and FSDP save
+    their sharded model state through their own engines, which the hooks never see. A checkpoint written before
+    this (state/model.safetensors) still loads as it was written."""
+    fingerprints: dict[int, str | None] = {}  # the frozen weights never change: hash them once per model
+
+    def fingerprint(model) -> str | None:
+        unwrapped = extract_model_from_parallel(model)
+        if id(unwrapped) not in fingerprints:
+            fingerprints[id(unwrapped)] = frozen_weights_hash(unwrapped)
+        return fingerprints[id(unwrapped)]
+
+    def skip_weights(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process and models and (digest := fingerprint(models[0])) is not None:
+            write_json(Path(output_dir) / BASE_MODEL_FILE, {"frozen_weights_xxh3_128": digest})
+        weights.clear()
+
+    def load_weights(models: list, input_dir: str) -> None:
+        state_dir = Path(input_dir)
+        if not models or (state_dir / "model.safetensors").is_file():  # an older checkpoint, weights in state/
+            return
+        saved = state_dir / BASE_MODEL_FILE
+        if saved.is_file() and json.loads(saved.read_text())["frozen_weights_xxh3_128"] != fingerprint(models[0]):
+            raise UserError(
+                f"{state_dir.parent} was trained with LoRA on a different base model: the frozen weights of "
+                "model.name_or_path do not hash to what the checkpoint recorded. Resume with the base model the run "
+                "started from."
+            )
+        load_model_dir(extract_model_from_parallel(models[0]), state_dir.parent / MODEL_DIR)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(skip_weights)
+    accelerator.register_load_state_pre_hook(load_weights)
+
+
+def frozen_weights_hash(model: torch.nn.Module) -> str | None:
+    """xxh3-128 of every frozen parameter (name, dtype, shape, bytes), or None when all of them train."""
+    import xxhash
+
+    digest, frozen = xxhash.xxh3_128(), False
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        frozen = True
+        tensor = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest() if frozen else None
+
+
+def load_model_dir(model: torch.nn.Module, model_dir: Path) -> None:
+    """Copy the weights a checkpoint's model/ holds into `model` (the unwrapped training model), bitwise.
+
+    model/ is what `finetune.modeling.write_model` wrote: a peft adapter, or save_pretrained safetensors
+    (one file or shards); tied weights saved once are filled through their tie."""
+    from safetensors.torch import load_file
+
+    adapter = model_dir / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if result.unexpected_keys:
+            raise UserError(f"{adapter} does not fit the model: unexpected {', '.join(result.unexpected_keys[:3])}")
+        return
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir} holds no model*.safetensors weights.")
+    state = {name: tensor for file in files for name, tensor in load_file(file).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [name for name in missing if name not in params or id(params[name]) not in loaded]  # ties are fine
+    problems = [f"{kind} {', '.join(names[:3])}" for kind, names in (("missing", missing), ("unexpected", unexpected))]
+    if missing or unexpected:
+        raise UserError(f"{model_dir} does not fit the model: {'; '.join(problems)}")
+
+
 def metric_value(path: Path, metric: str) -> float | None:
     """The checkpoint's `metric`, or None if it was not evaluated or the value is not finite."""
     value = (read_progress(path).metrics or {}).get(metric)
@@ -306,6 +395,8 @@ def load_checkpoint(accelerator: Accelerator, scheduler, checkpoint: Path) -> Pr
         accelerator.load_state(str(checkpoint / STATE_DIR))
         if (checkpoint / SCHEDULER_FILE).is_file():
             scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_FILE).read_text()))
+    except UserError:
+        raise
     except Exception as err:  # torch, safetensors and Accelerate raise many types for a damaged file
         raise UserError(
             f"could not load checkpoint {checkpoint}: {first_line(err)}. "

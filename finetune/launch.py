@@ -22,6 +22,7 @@ from accelerate.utils import (
 )
 
 from finetune.batching import BatchGeometry, plan_batches
+from finetune.checkpoints import keep_weights_once
 from finetune.errors import UserError
 from finetune.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
 from finetune.tracking import LOGS_DIR
@@ -52,6 +53,7 @@ def make_accelerator(
     - `step_scheduler_with_optimizer=False`: recipes step the LR scheduler once per optimizer step
       (Accelerate's default steps it once per process per step).
     - `use_seedable_sampler=True`: the shuffle order depends on the seed and epoch only.
+    - checkpoints hold the weights once, in model/ (`finetune.checkpoints.keep_weights_once`).
     """
     mixed_precision = check_mixed_precision(train.mixed_precision)
     handlers = []
@@ -76,6 +78,7 @@ def make_accelerator(
         raise UserError(f"cannot set up Accelerate: {err}") from None
     if launched_with_fsdp2() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator)  # Accelerate would run it as DDP: see finetune/fsdp.py
+    keep_weights_once(accelerator)
     geometry = plan_batches(train, accelerator.num_processes)
     if geometry is None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(

@@ -22,14 +22,19 @@ from safetensors.torch import load_file
 from finetune.checkpoints import (
     BEST_LINK,
     CHECKPOINTS_DIR,
+    MODEL_DIR,
     PROGRESS_FILE,
+    STATE_DIR,
     config_changes,
     list_checkpoints,
     prune,
     resolve_resume,
     trim_metrics_log,
 )
+from finetune.config import build_config
 from finetune.errors import UserError
+from finetune.launch import make_accelerator
+from finetune.recipe_configs import TrainConfig
 from finetune.runs import check_output_dir
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +175,67 @@ def test_state_round_trip_reads_torch_files_with_weights_only(tmp_path: Path, mo
     assert all(torch.equal(saved[name], t) for name, t in model.state_dict().items())
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_bert, tmp_path, lora):
+    """The weights are written once (model/), resumed bitwise from there; a LoRA checkpoint holds only the
+    trainable weights, and refuses a base model whose frozen weights differ from the one it was trained on."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.modeling import apply_lora, write_model
+    from finetune.recipe_configs import LoraConfig
+
+    def build(seed_offset: float = 0.0):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+        if seed_offset:
+            with torch.no_grad():
+                model.bert.embeddings.word_embeddings.weight.add_(seed_offset)
+        return apply_lora(model, LoraConfig(enabled=True)) if lora else model
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
+    model = build()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "labels": torch.tensor([1])}
+    model(**batch).loss.backward()
+    optimizer.step()
+    checkpoint = tmp_path / "step_000001"
+    accelerator.save_state(str(checkpoint / STATE_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    write_model(accelerator, model, tokenizer, checkpoint / MODEL_DIR, 16, merge_lora=False)
+    assert not [p.name for p in (checkpoint / STATE_DIR).iterdir() if "model" in p.name and p.suffix != ".json"]
+    weights = list((checkpoint / MODEL_DIR).glob("*.safetensors"))
+    assert [w.name for w in weights] == ["adapter_model.safetensors" if lora else "model.safetensors"]
+    if lora:  # only the trainable weights, not the frozen base
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert len(load_file(weights[0])) == len(trainable) < len(list(model.parameters())) / 2
+    trained = {name: t.clone() for name, t in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()["state"]
+
+    with torch.no_grad():  # a later step changed everything; loading the checkpoint must undo it
+        for param in model.parameters():
+            param.add_(1.0)
+    accelerator.load_state(str(checkpoint / STATE_DIR))
+    changed = [n for n, t in model.state_dict().items() if not torch.equal(trained[n], t)]
+    # with LoRA the frozen base is the model the run starts from: loading leaves it to the recipe's fresh load
+    assert changed == ([n for n, p in model.named_parameters() if not p.requires_grad] if lora else [])
+    loaded = optimizer.state_dict()["state"]
+    assert all(torch.equal(optimizer_state[i]["exp_avg"], loaded[i]["exp_avg"]) for i in optimizer_state)
+
+    if lora:  # a resume onto another base model: refused, naming what to do
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
+        other = build(seed_offset=0.5)
+        other_optimizer = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=0.1)
+        other, other_optimizer = accelerator.prepare(other, other_optimizer)
+        with pytest.raises(UserError, match="different base model"):
+            accelerator.load_state(str(checkpoint / STATE_DIR))
+
+
 # --------------------------------------------------------------------------------------------
 # Through the recipe: kill -9, SIGTERM, resume bitwise
 # --------------------------------------------------------------------------------------------
@@ -254,8 +320,9 @@ def test_checkpoints_keep_the_last_two_and_the_best(reference_run: Path):
     evaluated = [r["step"] for r in read_jsonl(reference_run / "metrics.jsonl") if "eval_accuracy" in r]
     assert evaluated == [*range(CHECKPOINT_EVERY, 150, CHECKPOINT_EVERY), 150]  # every checkpoint is scored
     state = {p.name for p in (kept[-1] / "state").iterdir()}
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= state
-    assert (kept[-1] / "model" / "model.safetensors").is_file()  # what finetune-eval scores
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= state
+    assert not [name for name in state if "model" in name], "the weights are written once, in model/"
+    assert (kept[-1] / "model" / "model.safetensors").is_file()  # what finetune-eval scores and resume loads
 
 
 @pytest.mark.recipe
@@ -341,7 +408,7 @@ def test_resume_refuses_a_changed_run_and_a_damaged_checkpoint(reference_run, tm
     assert not output_dir.exists(), "nothing is written before the checks pass"
 
     damaged = shutil.copytree(checkpoint, tmp_path / "damaged" / checkpoint.name)
-    weights = damaged / "state" / "model.safetensors"
+    weights = damaged / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     result = launch(CLASSIFY, [*same_config, f"train.resume_from={damaged}"])
     assert result.returncode != 0

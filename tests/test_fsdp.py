@@ -137,7 +137,7 @@ def test_fsdp_run_trains_and_saves_full_models_and_full_state(fsdp_run):
     checkpoint = list_checkpoints(fsdp_run)[-1]
     assert checkpoint.name == "step_000020"
     # fsdp_state_dict_type FULL_STATE_DICT: the whole model and optimizer state, gathered on the first process
-    # (a DDP run would have written state/model.safetensors instead).
+    # (a DDP run writes its weights once, in model/: see finetune.checkpoints.keep_weights_once).
     state = {p.name for p in (checkpoint / "state").iterdir()}
     rng = {"random_states_0.pkl", "random_states_1.pkl"}
     assert state == {"pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.bin", *rng}
