@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from finetune.accumulation import summed_classification_loss
+from finetune.compile import LengthBuckets
 from finetune.data import read_source, read_validation
 from finetune.dry_run import describe_lengths
 from finetune.errors import UserError
@@ -242,11 +243,24 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
     return cached_tokenization(ds, tokenizer, {"max_length": max_length}, build, code=tokenize)[0]
 
 
-def padding_collator(
-    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
-) -> DataCollatorWithPadding:
-    """Pads a batch to its own longest example (dynamic padding), rounded up to `pad_to_multiple_of`."""
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+def padding_collator(tokenizer: PreTrainedTokenizerBase, buckets: LengthBuckets | None = None):
+    """Pads a batch to its own longest example (dynamic padding), or, for a compiled model, up to one of a
+    few lengths (`finetune.compile.LengthBuckets`)."""
+    if buckets is None:
+        return DataCollatorWithPadding(tokenizer)
+    return BucketCollator(tokenizer, buckets)
+
+
+@dataclass
+class BucketCollator:
+    """DataCollatorWithPadding to the bucket of the batch's longest example: a bounded set of shapes."""
+
+    tokenizer: PreTrainedTokenizerBase
+    buckets: LengthBuckets
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = self.buckets.width(max(len(f["input_ids"]) for f in features), len(features))
+        return DataCollatorWithPadding(self.tokenizer, padding="max_length", max_length=width)(features)
 
 
 # id2label name of a regression head's single output: pipeline("text-classification") reports it as the label.

@@ -23,6 +23,7 @@ from accelerate.utils import (
 
 from finetune.batching import BatchGeometry, plan_batches
 from finetune.checkpoints import keep_weights_once
+from finetune.compile import dynamo_plugin
 from finetune.errors import UserError
 from finetune.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
 from finetune.tracking import LOGS_DIR
@@ -69,6 +70,7 @@ def make_accelerator(
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
             log_with=trackers or None,
+            dynamo_plugin=dynamo_plugin(train),
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir) if output_dir else None,
                 logging_dir=str(output_dir / LOGS_DIR) if output_dir else None,
@@ -79,6 +81,11 @@ def make_accelerator(
     if launched_with_fsdp2() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator)  # Accelerate would run it as DDP: see finetune/fsdp.py
     keep_weights_once(accelerator)
+    if train.compile and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UserError(
+            f"train.compile=true under {accelerator.distributed_type.value}: not supported by finetune yet (its "
+            "graphs and checkpoints are tested with one process and DDP); set train.compile=false."
+        )
     geometry = plan_batches(train, accelerator.num_processes)
     if geometry is None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(

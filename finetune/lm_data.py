@@ -24,6 +24,7 @@ from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
 from finetune.accumulation import IGNORE_INDEX
+from finetune.compile import LengthBuckets
 from finetune.data import read_source, read_validation
 from finetune.errors import UserError, first_line
 from finetune.paths import local_path
@@ -672,6 +673,7 @@ class SFTCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     flatten: bool = False
+    buckets: LengthBuckets | None = None  # a compiled model: pad rows to one of a few lengths (not flattened)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, **kwargs) -> SFTCollator:
@@ -691,7 +693,8 @@ class SFTCollator:
         labels = [_longs(e["labels"]) for e in examples]
         if self.flatten:
             return self._flattened(examples, ids, labels)
-        width = self._width(max(len(x) for x in ids))
+        longest = max(len(x) for x in ids)
+        width = self.buckets.width(longest, len(ids)) if self.buckets else self._width(longest)
         batch_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         batch_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
         for row, (x, y) in enumerate(zip(ids, labels, strict=True)):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -134,6 +135,8 @@ def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_le
     in `target/adapter/`, or, with `merge_lora=False` (mid-training: merging would change the model being
     trained), as the adapter alone.
     """
+    if is_compiled_module(model):  # train.compile: its state dict would prefix every name with _orig_mod.
+        model = model._orig_mod
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/ZeRO-3: every process calls it
     if not accelerator.is_main_process:
         return

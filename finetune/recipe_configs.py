@@ -83,6 +83,17 @@ class TrainConfig:
     )
     seed: int = option(42, "seed for weights init, shuffling and dropout")
     num_workers: int = option(0, "DataLoader worker processes", ge=0)
+    compile: bool = option(
+        False,
+        "torch.compile the model, batches padded to a few lengths (powers of two up to data.max_length) so that "
+        "it compiles a bounded set of graphs; compiling takes tens of seconds per shape",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
+        "default", "torch.compile mode: reduce-overhead = CUDA graphs (a GPU, static shapes): no launch overhead"
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = option(
+        "inductor", "torch.compile backend: inductor generates kernels; aot_eager and eager only trace (debugging)"
+    )
     cpu_threads: int | None = option(
         None, "torch threads per process when training on CPU; null = this machine's cores / local processes", ge=1
     )
@@ -183,6 +194,16 @@ def training_problems(train: TrainConfig, output: OutputConfig, evaluation_every
         problems.append(
             f"train.early_stopping_patience={train.early_stopping_patience} needs evaluations during training: "
             "set eval.every_n_steps"
+        )
+    if train.compile and train.compile_mode != "default" and train.compile_backend != "inductor":
+        problems.append(
+            f"train.compile_mode={train.compile_mode} is a mode of the inductor backend, not of "
+            f"train.compile_backend={train.compile_backend}: set train.compile_mode=default or compile_backend=inductor"
+        )
+    if train.compile and train.micro_batch_size == "auto":
+        problems.append(
+            "train.compile=true with train.micro_batch_size=auto: the memory probe runs uncompiled, and a compiled "
+            "model needs another amount of memory; set train.micro_batch_size to a number"
         )
     if output.overwrite and train.resume_from is not None:
         problems.append(

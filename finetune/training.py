@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 
 from finetune.accumulation import LossMeter, Window, WindowBackward, windows
 from finetune.checkpoints import BEST_LINK, CHECKPOINTS_DIR, Progress, load_checkpoint, resume_command, seed_window
+from finetune.compile import compiled_graphs
 from finetune.errors import UserError
 from finetune.metric_names import LOWER_IS_BETTER
 from finetune.precision import LostUpdateCheck
@@ -151,6 +153,7 @@ class TrainStep:
         self.loss = LossMeter()
         self.throughput = Throughput()
         self.grad_norm: torch.Tensor | float | None = None
+        self.compiled = is_compiled_module(model)  # train.compile: the log counts dynamo's graphs
 
     def __call__(self, window: Window, progress: Progress) -> StepReport:
         step = progress.step + 1
@@ -188,6 +191,7 @@ class TrainStep:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float("nan") if self.grad_norm is None else float(self.grad_norm),  # DeepSpeed: none yet
             **rates,
+            **({"compiled_graphs": compiled_graphs()} if self.compiled else {}),
         }
 
     def paused(self):

@@ -31,6 +31,7 @@ from finetune.classification import (
     padding_collator,
     tokenize,
 )
+from finetune.compile import batch_collators
 from finetune.config import DRY_RUN
 from finetune.data import longest_batch, make_dataloader
 from finetune.dry_run import report_dry_run
@@ -126,17 +127,21 @@ def main(argv: list[str]) -> None:
             ),
         )
         accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    train_collate, val_collate = batch_collators(  # train.compile: a few static shapes, see finetune/compile.py
+        lambda buckets: padding_collator(tokenizer, buckets),
+        cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, cfg.eval.batch_size,
+    )  # fmt: skip
     train_loader = make_dataloader(
         train_set,
         geometry.micro_batch_size,
-        collate,
+        train_collate,
         shuffle=True,
         num_workers=cfg.train.num_workers,
         group_by_length=cfg.data.group_by_length,
         seed=cfg.train.seed,
         global_batch_size=geometry.global_batch_size,
     )
-    val_loader = make_dataloader(val_set, cfg.eval.batch_size, collate)
+    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
 
     total_steps = total_optimizer_steps(

@@ -25,6 +25,7 @@ from finetune.checkpoints import (
     resume,
     save_checkpoint,
 )
+from finetune.compile import batch_collators
 from finetune.config import DRY_RUN
 from finetune.data import longest_batch, make_dataloader
 from finetune.dry_run import report_dry_run
@@ -136,10 +137,14 @@ def main(argv: list[str]) -> None:
             ),
         )
         accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    train_collate, val_collate = batch_collators(  # train.compile: a few static shapes, see finetune/compile.py
+        lambda buckets: SFTCollator.for_tokenizer(tokenizer, flatten=flatten, buckets=buckets),
+        cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, cfg.eval.batch_size,
+    )  # fmt: skip
     train_loader = make_dataloader(
         train_set,
         geometry.micro_batch_size,
-        collate,
+        train_collate,
         shuffle=True,
         num_workers=cfg.train.num_workers,
         group_by_length=cfg.data.group_by_length and not cfg.data.packing,
@@ -147,7 +152,7 @@ def main(argv: list[str]) -> None:
         global_batch_size=geometry.global_batch_size,
     )
     train_loader = accelerator.prepare(train_loader)
-    val_loader = make_dataloader(val_set, cfg.eval.batch_size, collate)  # not prepared: each token counted once
+    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate)  # not prepared: each token counted once
     prompts = generation_prompts(data.validation, tokenizer, cfg.eval.num_generations)
 
     total_steps = total_optimizer_steps(
