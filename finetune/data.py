@@ -146,6 +146,7 @@ def make_dataloader(
     group_by_length: bool = False,
     seed: int = 0,
     global_batch_size: int | None = None,
+    longest_first: bool = False,
 ) -> DataLoader:
     """Batches of `ds` put together by `collate_fn` (which pads them to their own longest example).
 
@@ -153,15 +154,39 @@ def make_dataloader(
     is a uniform permutation (which Accelerate seeds per epoch when prepared). Length groups are sized
     by `global_batch_size`, so the order of examples is the same however the global batch is split into
     micro-batches, accumulation steps and processes.
+
+    `longest_first` (evaluation): examples in decreasing length, so that each batch is padded to little more
+    than its own lengths (about half the tokens of dataset order on short sentences), and the largest batch,
+    where memory peaks, comes first.
     """
     sampler = None
-    if shuffle and group_by_length:
+    if longest_first:
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        sampler = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    elif shuffle and group_by_length:
         lengths = [len(ids) for ids in ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, global_batch_size or batch_size, seed)
         shuffle = False
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
     )
+
+
+class CollatedOnce:
+    """An evaluation loader (unprepared, unshuffled) whose batches are collated on the first pass and replayed
+    from memory at every later evaluation: the same tensors, without padding them again."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.batches: list[dict] | None = None
+
+    def __iter__(self):
+        if self.batches is None:
+            self.batches = list(self.loader)
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def longest_batch(ds: Dataset, collate_fn: Callable[[list[dict]], dict], size: int, device: torch.device) -> dict:

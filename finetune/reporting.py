@@ -42,6 +42,22 @@ class RunSummary:
     early_stopping: dict | None = None
 
 
+def overhead_report(wall: float, train_s: float | None, training_started_at: float | None, paused: dict) -> dict:
+    """Where the wall time that was not training went: `share` = (wall - training) / wall, and seconds before
+    training (startup: imports, data, model), in evaluations and checkpoints during training, and after it (the
+    final evaluation, up to the final save)."""
+    if train_s is None or training_started_at is None:
+        return {}
+    before = training_started_at - process_start_time()
+    during = sum(paused.values())
+    return {
+        "share": round((wall - train_s) / wall, 4),
+        "before_training_s": round(before, 2),
+        **{f"{kind}_s": round(seconds, 2) for kind, seconds in paused.items()},
+        "after_training_s": round(wall - before - train_s - during, 2),
+    }
+
+
 def precision_text(accelerator: Accelerator, weights_dtype: str) -> str:
     mixed = accelerator.mixed_precision
     compute = f"{mixed} mixed precision" if mixed != "no" else "full precision"
@@ -68,9 +84,14 @@ def finish_run(
     found = [metrics.pop("warning")] if "warning" in metrics else []
     warnings = [*summary.warnings, *found]
     wall = wall_time_s()
+    extra = dict(summary.extra)
+    overhead = overhead_report(
+        wall, extra.get("train_runtime_s"), extra.pop("training_started_at", None), extra.pop("paused_s", {})
+    )
     results = {
-        **summary.extra,
+        **extra,
         "wall_time_s": round(wall, 1),
+        "overhead": overhead,
         "startup_s": startup.record(),
         **metrics,
         "metric_for_best": cfg.metric_for_best(),

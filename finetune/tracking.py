@@ -151,9 +151,11 @@ class Throughput:
 
     def __init__(self) -> None:
         self.start = self.interval_start = time.perf_counter()
+        self.started_at = time.time()  # when training began, for the overhead report
         self.examples = self.interval_examples = 0
         self.tokens = self.interval_tokens = 0
         self.paused_s = self.interval_paused_s = 0.0
+        self.paused_by: dict[str, float] = {}  # seconds per kind of pause (evaluation, checkpoints)
 
     def add(self, examples: int, tokens: int | torch.Tensor = 0) -> None:
         self.examples += examples
@@ -161,13 +163,15 @@ class Throughput:
         self.interval_tokens = self.interval_tokens + tokens
 
     @contextmanager
-    def paused(self):
+    def paused(self, kind: str = "other"):
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t0
-            self.interval_paused_s += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.paused_s += seconds
+            self.interval_paused_s += seconds
+            self.paused_by[kind] = self.paused_by.get(kind, 0.0) + seconds
 
     def pop(self) -> dict[str, float]:
         """Examples and tokens per second since the last pop."""
@@ -188,6 +192,8 @@ class Throughput:
             "train_runtime_s": round(seconds, 3),
             "train_samples_per_s": self.examples / max(seconds, 1e-9),
             "train_tokens_per_s": self.tokens / max(seconds, 1e-9),
+            "training_started_at": self.started_at,
+            "paused_s": dict(self.paused_by),
         }
 
 

@@ -194,9 +194,9 @@ class TrainStep:
             **({"compiled_graphs": compiled_graphs()} if self.compiled else {}),
         }
 
-    def paused(self):
-        """A block whose time is not training time (evaluation, checkpoints)."""
-        return self.throughput.paused()
+    def paused(self, kind: str):
+        """A block whose time is not training time: `kind` = evaluation, checkpoints."""
+        return self.throughput.paused(kind)
 
 
 def window_counts(window: Window, num_processes: int) -> tuple[int, torch.Tensor]:

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
         seed=cfg.train.seed,
         global_batch_size=geometry.global_batch_size,
     )
-    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate)
+    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate, longest_first=True)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
 
     total_steps = total_optimizer_steps(
@@ -211,10 +211,11 @@ def main(argv: list[str]) -> None:
             if progress.step == total_steps:
                 break  # the final evaluation and final/ end the run
             checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
-            with train_step.paused():  # evaluation and checkpoints are not training throughput
+            with train_step.paused("evaluation"):  # not training time: eval_results.json reports it apart
                 metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
-                verdict = early_stopping.update(progress, metrics)
-                if checkpoint_now or report.stop or verdict.new_best:
+            verdict = early_stopping.update(progress, metrics)
+            if checkpoint_now or report.stop or verdict.new_best:
+                with train_step.paused("checkpoints"):
                     saved_to = save(metrics, "preempted" if report.stop else "periodic")
             if report.stop:
                 log.close()

@@ -27,7 +27,7 @@ from finetune.checkpoints import (
 )
 from finetune.compile import batch_collators
 from finetune.config import DRY_RUN
-from finetune.data import longest_batch, make_dataloader
+from finetune.data import CollatedOnce, longest_batch, make_dataloader
 from finetune.dry_run import report_dry_run
 from finetune.errors import exit_on_user_error
 from finetune.fsdp import prepare_fsdp
@@ -152,7 +152,8 @@ def main(argv: list[str]) -> None:
         global_batch_size=geometry.global_batch_size,
     )
     train_loader = accelerator.prepare(train_loader)
-    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate)  # not prepared: each token counted once
+    # not prepared (each token counted once), collated once for every evaluation
+    val_loader = CollatedOnce(make_dataloader(val_set, cfg.eval.batch_size, val_collate, longest_first=True))
     prompts = generation_prompts(data.validation, tokenizer, cfg.eval.num_generations)
 
     total_steps = total_optimizer_steps(
@@ -229,10 +230,11 @@ def main(argv: list[str]) -> None:
             if progress.step == total_steps:
                 break  # the final evaluation and final/ end the run
             checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
-            with train_step.paused():  # evaluation and checkpoints are not training throughput
+            with train_step.paused("evaluation"):  # not training time: eval_results.json reports it apart
                 metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
-                verdict = early_stopping.update(progress, metrics)
-                if checkpoint_now or report.stop or verdict.new_best:
+            verdict = early_stopping.update(progress, metrics)
+            if checkpoint_now or report.stop or verdict.new_best:
+                with train_step.paused("checkpoints"):
                     saved_to = save(metrics, "preempted" if report.stop else "periodic")
             if report.stop:
                 log.close()
