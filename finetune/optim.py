@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
 
 # Parameters whose names contain these get no weight decay (biases, LayerNorm/RMSNorm weights).
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
@@ -40,6 +40,28 @@ def total_optimizer_steps(
     return max_steps if max_steps else epochs * steps_per_epoch(micro_batches_per_epoch, accumulation_steps)
 
 
+@dataclass
+class WarmupThenDecay:
+    """The LR factor at an optimizer step: linear warmup from 0, then linear or cosine decay to 0, or constant.
+
+    The same factors as transformers' `get_scheduler` (linear, cosine, constant_with_warmup), without importing
+    its Trainer utilities at startup. A dataclass, not a closure: LambdaLR's state dict keeps its fields."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return float(step) / float(max(1, self.warmup_steps))
+        if self.kind == "constant":
+            return 1.0
+        progress = float(step - self.warmup_steps) / float(max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     kind: str,
@@ -51,5 +73,4 @@ def build_scheduler(
     `warmup` >= 1 counts optimizer steps; below 1 it is a share of `total_steps` (Trainer's convention).
     """
     warmup = int(warmup) if warmup >= 1 else math.ceil(warmup * total_steps)
-    name = {"constant": "constant_with_warmup"}.get(kind, kind)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return LambdaLR(optimizer, WarmupThenDecay(kind, warmup, total_steps))

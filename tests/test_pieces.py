@@ -132,6 +132,27 @@ def test_run_length_and_warmup_in_optimizer_steps():
         assert scheduler.get_last_lr()[0] == 0.0
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedules_give_transformers_learning_rates(kind):
+    """finetune.optim's own schedules (no Trainer import at startup) equal transformers' get_scheduler."""
+    from transformers import get_scheduler
+
+    def lrs(scheduler, optimizer) -> list[float]:
+        out = []
+        for _ in range(12):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours_optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.3)
+    theirs_optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.3)
+    name = {"constant": "constant_with_warmup"}.get(kind, kind)
+    theirs = get_scheduler(name, theirs_optimizer, num_warmup_steps=3, num_training_steps=10)
+    ours = build_scheduler(ours_optimizer, kind, total_steps=10, warmup=3)
+    assert lrs(ours, ours_optimizer) == pytest.approx(lrs(theirs, theirs_optimizer), rel=1e-12, abs=1e-15)
+
+
 def test_no_weight_decay_on_biases_and_norms(tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
