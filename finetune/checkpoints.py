@@ -280,7 +280,7 @@ def keep_weights_once(accelerator: Accelerator) -> None:
     fingerprints: dict[int, str | None] = {}  # the frozen weights never change: hash them once per model
 
     def fingerprint(model) -> str | None:
-        unwrapped = extract_model_from_parallel(model)
+        unwrapped = extract_model_from_parallel(model, keep_torch_compile=False)
         if id(unwrapped) not in fingerprints:
             fingerprints[id(unwrapped)] = frozen_weights_hash(unwrapped)
         return fingerprints[id(unwrapped)]
@@ -301,7 +301,7 @@ def keep_weights_once(accelerator: Accelerator) -> None:
                 "model.name_or_path do not hash to what the checkpoint recorded. Resume with the base model the run "
                 "started from."
             )
-        load_model_dir(extract_model_from_parallel(models[0]), state_dir.parent / MODEL_DIR)
+        load_model_dir(extract_model_from_parallel(models[0], keep_torch_compile=False), state_dir.parent / MODEL_DIR)
         models.clear()
 
     accelerator.register_save_state_pre_hook(skip_weights)

@@ -142,7 +142,7 @@ def make_dataloader(
     batch_size: int,
     collate_fn: Callable[[list[dict]], dict],
     shuffle: bool = False,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     group_by_length: bool = False,
     seed: int = 0,
     global_batch_size: int | None = None,
@@ -155,6 +155,7 @@ def make_dataloader(
     by `global_batch_size`, so the order of examples is the same however the global batch is split into
     micro-batches, accumulation steps and processes.
 
+    `num_workers="auto"`: 2 worker processes on a GPU machine, none on a CPU.
     `longest_first` (evaluation): examples in decreasing length, so that each batch is padded to little more
     than its own lengths (about half the tokens of dataset order on short sentences), and the largest batch,
     where memory peaks, comes first.
@@ -167,8 +168,17 @@ def make_dataloader(
         lengths = [len(ids) for ids in ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, global_batch_size or batch_size, seed)
         shuffle = False
+    on_gpu = torch.cuda.is_available()
+    if num_workers == "auto":
+        num_workers = 2 if on_gpu else 0
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=on_gpu,  # page-locked batches: the copy to the GPU runs without blocking (make_accelerator)
     )
 
 

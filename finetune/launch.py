@@ -54,6 +54,7 @@ def make_accelerator(
     - `step_scheduler_with_optimizer=False`: recipes step the LR scheduler once per optimizer step
       (Accelerate's default steps it once per process per step).
     - `use_seedable_sampler=True`: the shuffle order depends on the seed and epoch only.
+    - `non_blocking` on a GPU: batches (pinned by `finetune.data.make_dataloader`) are copied asynchronously.
     - checkpoints hold the weights once, in model/ (`finetune.checkpoints.keep_weights_once`).
     """
     mixed_precision = check_mixed_precision(train.mixed_precision)
@@ -66,7 +67,9 @@ def make_accelerator(
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, non_blocking=torch.cuda.is_available()
+            ),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
             log_with=trackers or None,

@@ -36,7 +36,7 @@ def lm_loss_sums(
     for i in range(rounds):
         index = i * world + rank
         batch = batches[index] if index < len(batches) else _ignored(batches[0])
-        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        batch = {name: tensor.to(accelerator.device, non_blocking=True) for name, tensor in batch.items()}
         total += loss_fn(model, batch).double()
         terms += count_next_token_terms(batch)
     sums = (

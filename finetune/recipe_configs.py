@@ -82,7 +82,12 @@ class TrainConfig:
         "resolution are lost)",
     )
     seed: int = option(42, "seed for weights init, shuffling and dropout")
-    num_workers: int = option(0, "DataLoader worker processes", ge=0)
+    num_workers: int | Literal["auto"] = option(
+        "auto",
+        "DataLoader worker processes that collate batches; auto = 2 on a GPU (collation overlaps the step), "
+        "0 on a CPU (its cores are busy computing)",
+        ge=0,
+    )
     compile: bool = option(
         False,
         "torch.compile the model, batches padded to a few lengths (powers of two up to data.max_length) so that "
