@@ -107,7 +107,9 @@ def windows(
     while batches := list(islice(iterator, k)):
         batches = [send_to_device(b, accelerator.device) for b in batches]
         local = torch.stack([count_loss_terms(b) for b in batches]).sum()
-        total = int(accelerator.reduce(local, reduction="sum").item())
+        if accelerator.num_processes > 1:
+            local = accelerator.reduce(local, reduction="sum")
+        total = int(local.item())
         scale = k * accelerator.num_processes / total if total else 0.0
         yield Window(batches=batches, num_loss_terms=total, _scale=scale)
 

@@ -243,11 +243,13 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
     return cached_tokenization(ds, tokenizer, {"max_length": max_length}, build, code=tokenize)[0]
 
 
-def padding_collator(tokenizer: PreTrainedTokenizerBase, buckets: LengthBuckets | None = None):
-    """Pads a batch to its own longest example (dynamic padding), or, for a compiled model, up to one of a
-    few lengths (`finetune.compile.LengthBuckets`)."""
+def padding_collator(
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, buckets: LengthBuckets | None = None
+):
+    """Pads a batch to its own longest example (dynamic padding), rounded up to `pad_to_multiple_of`; or, for a
+    compiled model, up to one of a few lengths (`finetune.compile.LengthBuckets`)."""
     if buckets is None:
-        return DataCollatorWithPadding(tokenizer)
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     return BucketCollator(tokenizer, buckets)
 
 

@@ -8,9 +8,11 @@ model loads, instead of one silently winning.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -29,6 +31,10 @@ from finetune.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
 from finetune.tracking import LOGS_DIR
 
 LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+# Accelerate's AcceleratedOptimizer.step asks importlib whether lomo_optim is installed, twice per optimizer step
+# and uncached (find_spec, then the package metadata). The answer cannot change while the process runs.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 def check_mixed_precision(recipe_value: str | None) -> str | None:

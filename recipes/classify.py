@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
         )
         accelerator.gradient_accumulation_steps = geometry.accumulation_steps
     train_collate, val_collate = batch_collators(  # train.compile: a few static shapes, see finetune/compile.py
-        lambda buckets: padding_collator(tokenizer, buckets),
+        lambda buckets: padding_collator(tokenizer, buckets=buckets),
         cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, cfg.eval.batch_size,
     )  # fmt: skip
     train_loader = make_dataloader(

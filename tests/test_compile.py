@@ -34,9 +34,9 @@ def test_collators_pad_to_the_bucket(tiny_bert):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     buckets = LengthBuckets.up_to(64, batch_size=2)
     features = [{"input_ids": [2, 5, 3], "labels": 1}, {"input_ids": [2, 5, 6, 7, 3], "labels": 0}]
-    batch = padding_collator(tokenizer, buckets)(features)
+    batch = padding_collator(tokenizer, buckets=buckets)(features)
     assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"].sum().item() == 8
-    assert padding_collator(tokenizer, buckets)(features[:1])["input_ids"].shape == (1, 64)
+    assert padding_collator(tokenizer, buckets=buckets)(features[:1])["input_ids"].shape == (1, 64)
     sft = SFTCollator(pad_token_id=0, buckets=buckets)([{"input_ids": [1] * 20, "labels": [1] * 20}] * 2)
     assert sft["input_ids"].shape == (2, 32) and (sft["labels"][:, 20:] == IGNORE_INDEX).all()
 
@@ -61,8 +61,8 @@ def test_compiled_window_gradient_equals_one_eager_batch(tiny_bert):
     ]
     buckets = LengthBuckets.up_to(32, batch_size=4)
     micro_batches = [
-        padding_collator(tokenizer, buckets)(features[:4]),
-        padding_collator(tokenizer, buckets)(features[4:]),
+        padding_collator(tokenizer, buckets=buckets)(features[:4]),
+        padding_collator(tokenizer, buckets=buckets)(features[4:]),
     ]
     assert [tuple(b["input_ids"].shape) for b in micro_batches] == [(4, 16), (4, 16)]
 
