@@ -92,8 +92,8 @@ def make_accelerator(
     keep_weights_once(accelerator)
     if train.compile and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(
-            f"train.compile=true under {accelerator.distributed_type.value}: not supported by finetune yet (its "
-            "graphs and checkpoints are tested with one process and DDP); set train.compile=false."
+            f"train.compile=true under {accelerator.distributed_type.value}: not supported by finetune yet (compiled "
+            "runs are tested in one process); set train.compile=false."
         )
     geometry = plan_batches(train, accelerator.num_processes)
     if geometry is None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
