@@ -21,7 +21,7 @@ from transformers import (
 
 from finetune.accumulation import summed_classification_loss
 from finetune.compile import LengthBuckets
-from finetune.data import read_source, read_validation
+from finetune.data import column, read_source, read_validation
 from finetune.dry_run import describe_lengths
 from finetune.errors import UserError
 from finetune.modeling import load_pretrained
@@ -106,7 +106,7 @@ def encode_labels(ds: Dataset, label_names: list[str], key: str, seen_in_train: 
     index = {name: i for i, name in enumerate(label_names)}
     ids = []
     unknown = Counter()
-    for value in ds["label"]:
+    for value in column(ds, "label"):
         label_id = int(value) if isinstance(value, (int, bool)) else index.get(value)
         if label_id is None or not 0 <= label_id < len(label_names):
             unknown[value] += 1
@@ -135,7 +135,7 @@ def regression_labels(ds: Dataset, key: str, label_column: str) -> Dataset:
             f"{key}: data.label_column={label_column!r} must hold numbers for data.task=regression; found "
             f"{dtype} values such as {example!r}. Give scores as numbers, or use data.task=classification."
         )
-    scores = np.asarray(ds["label"], dtype=np.float64)
+    scores = np.asarray(column(ds, "label"), dtype=np.float64)
     if not np.isfinite(scores).all():
         row = int(np.flatnonzero(~np.isfinite(scores))[0])
         raise UserError(
@@ -149,14 +149,14 @@ def check_learnable(train: Dataset, label_names: list[str], key: str, label_colu
     """Refuse training labels that cannot teach the task: one class only (every prediction of that class would
     score accuracy 1.0 on like data), or one constant regression target."""
     if not label_names:
-        scores = np.asarray(train["label"], dtype=np.float64)
+        scores = np.asarray(column(train, "label"), dtype=np.float64)
         if len(scores) > 1 and np.ptp(scores) == 0:
             raise UserError(
                 f"{key}: every regression target in data.label_column={label_column!r} is {scores[0]:g}; "
                 "a constant cannot be learned. Check the column, or the data."
             )
         return
-    counts = Counter(train["label"])
+    counts = Counter(column(train, "label"))
     if len(counts) < 2:
         only = label_names[next(iter(counts))]
         raise UserError(
@@ -167,7 +167,7 @@ def check_learnable(train: Dataset, label_names: list[str], key: str, label_colu
 
 def label_counts(ds: Dataset, label_names: list[str]) -> dict[str, int]:
     """Examples per class name, in label order (classes with no example included, as 0)."""
-    counts = Counter(ds["label"])
+    counts = Counter(column(ds, "label"))
     return {name: counts.get(i, 0) for i, name in enumerate(label_names)}
 
 
@@ -204,7 +204,7 @@ def load_classification_data(cfg) -> ClassificationData:
     if regression:
         train, label_names = regression_labels(train, train_key, cfg.label_column), []
     else:
-        label_names = label_vocabulary(train["label"], cfg.label_names, train_key)
+        label_names = label_vocabulary(column(train, "label"), cfg.label_names, train_key)
         train = encode_labels(train, label_names, train_key)
     check_learnable(train, label_names, train_key, cfg.label_column)
     if cfg.validation is None:
@@ -215,7 +215,7 @@ def load_classification_data(cfg) -> ClassificationData:
     if regression:
         validation = regression_labels(validation, val_key, cfg.label_column)
     else:
-        validation = encode_labels(validation, label_names, val_key, seen_in_train=set(train["label"]))
+        validation = encode_labels(validation, label_names, val_key, seen_in_train=set(column(train, "label")))
     return ClassificationData(train, validation, label_names, cfg.task)
 
 
@@ -326,7 +326,7 @@ def describe_data(
         pair = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
         lengths = [len(ids) for ids in tokenizer(list(ds["text"]), pair, truncation=False)["input_ids"]]
         if data.task == "regression":
-            scores = np.asarray(ds["label"], dtype=np.float64)
+            scores = np.asarray(column(ds, "label"), dtype=np.float64)
             labels = f"targets mean {scores.mean():.4g}, std {scores.std():.4g}, "
             labels += f"range {scores.min():.4g}..{scores.max():.4g}"
         else:

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune.accumulation import IGNORE_INDEX
 from finetune.compile import LengthBuckets
-from finetune.data import read_source, read_validation
+from finetune.data import read_source, read_validation, token_lengths
 from finetune.errors import UserError, first_line
 from finetune.paths import local_path
 from finetune.recipe_configs import SFTDataConfig
@@ -777,10 +777,10 @@ def describe_data(
 
     lines = []
     for name, ds, report in (("train", train, train_report), ("validation", validation, val_report)):
-        lengths = [len(ids) for ids in ds["input_ids"]]
+        lengths = token_lengths(ds)
         rows = f"; {len(ds):,} packed rows of up to {report.max_length:,} tokens" if packed else ""
         lines += [
             f"{name}: {report.describe()}{rows}",
             f"  {'rows' if packed else 'examples'}: {describe_lengths(lengths)}",
         ]
-    return lines, max((len(ids) for ids in train["input_ids"]), default=1)
+    return lines, max(token_lengths(train), default=1)
