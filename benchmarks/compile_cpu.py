@@ -73,7 +73,7 @@ def run_recipe(train_tsv: Path, val_tsv: Path, extra: list[str], out: Path, work
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", type=Path, help="dir with train.tsv and dev.tsv (GLUE SST-2)")
+    parser.add_argument("data_dir", type=Path, help="dir with train.tsv and validation.tsv or dev.tsv (GLUE SST-2)")
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -84,7 +84,8 @@ def main() -> None:
         train.write_text("\n".join(lines[: args.rows + 1]) + "\n")
         results = {}
         for name, extra in VARIANTS.items():
-            results[name] = run_recipe(train, args.data_dir / "dev.tsv", extra, work / name.split()[0], work)
+            validation = next(args.data_dir / n for n in ("validation.tsv", "dev.tsv") if (args.data_dir / n).is_file())
+            results[name] = run_recipe(train, validation, extra, work / name.split()[0], work)
             print(name, results[name], flush=True)
     import accelerate
     import torch
