@@ -44,7 +44,16 @@ def test_collators_pad_to_the_bucket(tiny_bert):
 def test_compiled_window_gradient_equals_one_eager_batch(tiny_bert):
     """An accumulation window of 2 bucketed micro-batches through the inductor-compiled model gives the gradient
     of one eager batch of all 8 examples (dynamic padding): compile changes neither the loss nor exactness.
-    (One layer and one bucket: one graph to compile, the one inductor compile of the suite.)"""
+    (One layer and one bucket: one graph to compile, the one inductor compile of the suite.) It runs in a fresh
+    process: compiling changes process-wide state (a bf16 recipe run in the same process after it trained to
+    other numbers), which in-process tests after it would inherit."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(compiled_vs_eager_gradients, (tiny_bert,))
+
+
+def compiled_vs_eager_gradients(tiny_bert) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import GradientAccumulationPlugin

@@ -134,6 +134,7 @@ def test_the_model_cards_command_reproduces_the_run(finished_run: Path, tmp_path
     first = json.loads((finished_run / "eval_results.json").read_text())
     again = json.loads((rerun_dir / "eval_results.json").read_text())
     run_stats = (
+        "overhead",
         "train_runtime_s",
         "train_samples_per_s",
         "train_tokens_per_s",
