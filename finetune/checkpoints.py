@@ -9,7 +9,8 @@ A checkpoint is `<run>/checkpoints/step_NNNNNN/`:
     progress.json   step, epoch, batches into the epoch, samples seen, batch geometry, eval metrics
 
 It is written into `.tmp-step_NNNNNN/` and renamed into place, progress.json last: a crash mid-save
-leaves a `.tmp-*` dir that nothing mistakes for a checkpoint. After each save the newest
+leaves a `.tmp-*` dir that nothing mistakes for a checkpoint. `CheckpointWriter` can do the disk write in a
+background thread, from a copy staged in shared memory, while training goes on. After each save the newest
 `checkpoint.keep_last` checkpoints are kept plus the best by `eval.metric_for_best` (`checkpoints/best`
 links to it).
 
@@ -32,10 +33,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 import re
 import shlex
 import shutil
+import tempfile
+import threading
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -43,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SCHEDULER_NAME, extract_model_from_parallel, set_seed
+from accelerate.utils import SCHEDULER_NAME, broadcast_object_list, extract_model_from_parallel, set_seed
 
 from finetune.config import flatten, read_yaml, save_config
 from finetune.errors import UserError, first_line
@@ -273,28 +277,147 @@ def save_checkpoint(
     keep_last: int,
     metric_for_best: str,
 ) -> Path:
-    """Write a checkpoint atomically (every process calls this); prune old ones; point `best` at the best.
+    """Write a checkpoint atomically, in the foreground (every process calls this); prune old ones; point `best`
+    at the best. `CheckpointWriter` does the same with the disk writes in the background."""
+    return CheckpointWriter(accelerator, background=False).save(
+        scheduler, run_dir, progress, cfg, write_model, keep_last, metric_for_best
+    )
 
-    `write_model(dir)` writes the scoreable model (a collective under ZeRO-3/FSDP: called on every process).
-    """
-    target = run_dir / CHECKPOINTS_DIR / checkpoint_name(progress.step)
-    tmp = target.with_name(f".tmp-{target.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / STATE_DIR).mkdir(parents=True)  # before any process writes its RNG state into it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR))
-    write_model(tmp / MODEL_DIR)
-    accelerator.wait_for_everyone()  # every process's RNG file is in before the dir is renamed into place
-    if accelerator.is_main_process:
-        if not (tmp / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
-            write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-        save_config(cfg, tmp / "config.yaml")
-        write_json(tmp / PROGRESS_FILE, asdict(progress))  # last: marks the checkpoint complete
-        replace_dir(tmp, target)
-        prune(run_dir, keep_last, metric_for_best)
-    accelerator.wait_for_everyone()
-    return target
+
+STAGING_PREFIX = "finetune-checkpoint-"
+
+
+class CheckpointWriter:
+    """Writes checkpoints atomically; with `background`, training goes on while they reach the disk.
+
+    Every process calls `save`. In the foreground, the checkpoint is written into `.tmp-step_N/`, completed by
+    progress.json and renamed into place before `save` returns. In the background (one process or DDP, with
+    room in RAM), the main process serializes the checkpoint into a staging dir in shared memory (/dev/shm:
+    the GPU-to-host copy and the pickling, at memory speed) and a thread copies it to the output dir, renames it
+    into place and prunes, while training goes on; the other processes' RNG files are written directly. The
+    checkpoint is atomic either way: a run killed mid-copy leaves a `.tmp-*` dir, and its previous checkpoint.
+
+    Only one write is in flight: the next `save` waits for the last, and so does `wait` (call it before reading
+    checkpoints back, e.g. to restore the best). A failed background write is raised by the next `save` or
+    `wait`. A run that ends any other way still finishes the copy: the thread is not a daemon, so Python
+    joins it at exit."""
+
+    def __init__(self, accelerator: Accelerator, background: bool) -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        # DeepSpeed and FSDP write their shards from every process, through their engines: foreground only.
+        self.background = background and not sharded  # the same on every process: `wait` is a collective then
+        self.staging_root = _staging_root() if self.background else None
+        self.pending: threading.Thread | None = None
+        self.error: BaseException | None = None
+        if self.staging_root is not None and accelerator.is_local_main_process:
+            _remove_stale_staging(self.staging_root)
+
+    def save(
+        self, scheduler, run_dir: Path, progress: Progress, cfg, write_model, keep_last: int, metric_for_best: str,
+        wait: bool = False,
+    ) -> Path:  # fmt: skip
+        """Write the checkpoint of `progress` (`write_model(dir)` writes model/, on every process: a collective
+        under ZeRO-3/FSDP); with `wait`, return only once it is on disk (a run about to exit)."""
+        self.wait()
+        accelerator = self.accelerator
+        target = run_dir / CHECKPOINTS_DIR / checkpoint_name(progress.step)
+        tmp = target.with_name(f".tmp-{target.name}")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE_DIR).mkdir(parents=True)  # before any process writes its RNG state into it
+        accelerator.wait_for_everyone()
+        staging = self._staging_dir() if accelerator.is_main_process else None
+        written = staging or tmp
+        accelerator.save_state(str(tmp / STATE_DIR) if staging is None else str(staging / STATE_DIR))
+        write_model(written / MODEL_DIR)
+        if accelerator.is_main_process:
+            if not (written / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
+                write_json(written / SCHEDULER_FILE, scheduler.state_dict())
+            save_config(cfg, written / "config.yaml")
+        accelerator.wait_for_everyone()  # every process's RNG file is in before the dir is renamed into place
+
+        def finish() -> None:
+            if staging is not None:
+                shutil.copytree(staging, tmp, dirs_exist_ok=True)
+                shutil.rmtree(staging, ignore_errors=True)
+            write_json(tmp / PROGRESS_FILE, asdict(progress))  # last: marks the checkpoint complete
+            replace_dir(tmp, target)
+            prune(run_dir, keep_last, metric_for_best)
+
+        if accelerator.is_main_process:
+            if staging is None:
+                finish()
+            else:
+                self.pending = threading.Thread(target=self._run, args=(finish, staging), name=f"write {target.name}")
+                self.pending.start()
+        if wait:
+            self.wait()
+        else:
+            accelerator.wait_for_everyone()
+        return target
+
+    def wait(self) -> None:
+        """Return once the checkpoint being written is complete (every process calls this); raise, on every
+        process, what a background write raised."""
+        if not self.background:
+            return
+        if self.pending is not None:
+            self.pending.join()
+            self.pending = None
+        error, self.error = self.error, None
+        problem = f"{first_line(str(error)) or type(error).__name__}" if error is not None else None
+        if self.accelerator.num_processes > 1:  # the main process wrote it: every process must stop alike
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise UserError(f"a checkpoint could not be written: {problem}")
+
+    def _run(self, finish, staging: Path) -> None:
+        try:
+            finish()
+        except BaseException as err:  # raised in the training thread by the next save or wait
+            self.error = err
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging_dir(self) -> Path | None:
+        """A fresh staging dir in shared memory, or None (foreground) when there is no room for a checkpoint."""
+        if self.staging_root is None:
+            return None
+        import psutil
+
+        needed = int(1.1 * _checkpoint_bytes(self.accelerator)) + 2**28  # plus configs, tokenizer, pickling
+        # the staged copy is RAM taken from the run until the thread is done: leave the run 2 GiB to spare
+        if shutil.disk_usage(self.staging_root).free < needed or psutil.virtual_memory().available < needed + 2**31:
+            return None
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.staging_root))
+
+
+def _staging_root() -> Path | None:
+    root = Path("/dev/shm")
+    return root if root.is_dir() and os.access(root, os.W_OK) else None
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Staging dirs of runs killed mid-write (their process is gone) would hold RAM until a reboot."""
+    import psutil
+
+    for path in root.glob(f"{STAGING_PREFIX}*"):
+        pid = path.name.removeprefix(STAGING_PREFIX).split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _checkpoint_bytes(accelerator: Accelerator) -> int:
+    """About what a checkpoint writes: every model's weights (in model/) and every optimizer's state."""
+    total = 0
+    for model in accelerator._models:
+        total += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for optimizer in accelerator._optimizers:
+        for state in optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
 
 
 def keep_weights_once(accelerator: Accelerator) -> None:

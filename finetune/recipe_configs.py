@@ -158,6 +158,11 @@ class CheckpointConfig:
     every_n_steps: int | None = option(None, "save every N optimizer steps; null = not by steps", gt=0)
     at_epoch_end: bool = option(False, "save at the end of every epoch")
     keep_last: int = option(2, "checkpoints kept: the newest N, plus the best by eval.metric_for_best", ge=1)
+    background_write: bool = option(
+        True,
+        "copy each checkpoint to RAM (/dev/shm) and write it to output.dir while training goes on; "
+        "one process or DDP, with room in RAM (else written in the foreground)",
+    )
 
 
 @dataclass

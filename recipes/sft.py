@@ -21,9 +21,9 @@ from accelerate.utils import set_seed
 from finetune.accumulation import count_next_token_terms
 from finetune.batching import find_micro_batch_size
 from finetune.checkpoints import (
+    CheckpointWriter,
     Progress,
     resume,
-    save_checkpoint,
 )
 from finetune.compile import batch_collators
 from finetune.config import DRY_RUN
@@ -192,9 +192,10 @@ def main(argv: list[str]) -> None:
         log.log(progress.step, {f"eval_{name}": value for name, value in metrics.items()})
         return metrics
 
+    checkpoints = CheckpointWriter(accelerator, cfg.checkpoint.background_write)
+
     def save(metrics: dict | None, reason: str) -> Path:
-        return save_checkpoint(
-            accelerator,
+        return checkpoints.save(
             scheduler,
             output_dir,
             replace(progress, metrics=metrics, reason=reason),
@@ -202,6 +203,7 @@ def main(argv: list[str]) -> None:
             lambda target: write_model(accelerator, model, tokenizer, target, cfg.data.max_length, merge_lora=False),
             cfg.checkpoint.keep_last,
             cfg.metric_for_best(),
+            wait=reason == "preempted",  # the run exits next
         )
 
     # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
@@ -250,6 +252,7 @@ def main(argv: list[str]) -> None:
     }
     if not early_stopping.stopped:
         early_stopping.update(progress, metrics := evaluate())
+    checkpoints.wait()  # the last checkpoint is on disk before any is read back or the run is reported
     metrics, final_step = early_stopping.restore_best(accelerator, scheduler, output_dir, progress, metrics)
     log.close()
     data_stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}

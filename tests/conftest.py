@@ -33,6 +33,15 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so the next Accelerator in this process starts afresh (its
+    gradient accumulation steps, mixed precision, device), as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFY = REPO / "recipes" / "classify.py"
 

@@ -16,7 +16,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import CLASSIFY, REPO, assert_tensorboard_matches_metrics_log, launch, launch_command, read_jsonl
+from conftest import (
+    CLASSIFY,
+    REPO,
+    assert_tensorboard_matches_metrics_log,
+    launch,
+    launch_command,
+    read_jsonl,
+    reset_accelerate_state,
+)
 from safetensors.torch import load_file
 
 from finetune.checkpoints import (
@@ -179,7 +187,6 @@ def test_state_round_trip_reads_torch_files_with_weights_only(tmp_path: Path, mo
 def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_bert, tmp_path, lora):
     """The weights are written once (model/), resumed bitwise from there; a LoRA checkpoint holds only the
     trainable weights, and refuses a base model whose frozen weights differ from the one it was trained on."""
-    from accelerate.state import AcceleratorState, GradientState
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.modeling import apply_lora, write_model
@@ -193,8 +200,7 @@ def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_be
                 model.bert.embeddings.word_embeddings.weight.add_(seed_offset)
         return apply_lora(model, LoraConfig(enabled=True)) if lora else model
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
     model = build()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -226,14 +232,75 @@ def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_be
     assert all(torch.equal(optimizer_state[i]["exp_avg"], loaded[i]["exp_avg"]) for i in optimizer_state)
 
     if lora:  # a resume onto another base model: refused, naming what to do
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
         other = build(seed_offset=0.5)
         other_optimizer = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=0.1)
         other, other_optimizer = accelerator.prepare(other, other_optimizer)
         with pytest.raises(UserError, match="different base model"):
             accelerator.load_state(str(checkpoint / STATE_DIR))
+
+
+def test_background_write_returns_before_the_disk_write_and_lands_the_same_checkpoint(tmp_path, monkeypatch):
+    """checkpoint.background_write: `save` returns with the checkpoint staged in RAM; the thread lands it atomically
+    with the same bytes a foreground save writes; a failed write is raised by the next `wait`, leaving no
+    checkpoint behind, and leaves nothing in /dev/shm."""
+    import threading
+
+    from finetune import checkpoints
+    from finetune.checkpoints import CheckpointWriter, Progress
+
+    reset_accelerate_state()
+    accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model(torch.ones(2, 64)).sum().backward()
+    optimizer.step()
+
+    def write_model(target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(accelerator.unwrap_model(model).state_dict(), target / "weights.pt")
+
+    cfg = build_config(TrainConfig, [])
+    progress = Progress(step=1, epoch=0, batches_into_epoch=2)
+
+    def save(writer: CheckpointWriter, run: Path) -> Path:
+        return writer.save(scheduler, run, progress, cfg, write_model, keep_last=2, metric_for_best="accuracy")
+
+    foreground = save(CheckpointWriter(accelerator, background=False), tmp_path / "foreground")
+    writer = CheckpointWriter(accelerator, background=True)
+    if writer.staging_root is None:
+        pytest.skip("no writable /dev/shm on this machine: checkpoints are written in the foreground")
+    staged_before = set(writer.staging_root.glob(f"{checkpoints.STAGING_PREFIX}*"))
+
+    copy, may_copy = shutil.copytree, threading.Event()
+    monkeypatch.setattr(shutil, "copytree", lambda *a, **k: may_copy.wait(60) and copy(*a, **k))
+    background = save(writer, tmp_path / "background")
+    assert not background.exists(), "save returned only after the disk write"
+    may_copy.set()
+    writer.wait()
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert files(background).keys() == files(foreground).keys()
+    for name in ("state/optimizer.bin", "state/scheduler.bin", "model/weights.pt", "state/random_states_0.pkl"):
+        assert files(background)[name] == files(foreground)[name], name  # the same tensors, pickled alike
+    assert set(writer.staging_root.glob(f"{checkpoints.STAGING_PREFIX}*")) == staged_before, "staging left behind"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    failed = save(writer, run := tmp_path / "failed")
+    with pytest.raises(UserError, match="a checkpoint could not be written: .*No space left on device"):
+        writer.wait()
+    assert not failed.exists() and not list_checkpoints(run, warn=False)
+    assert set(writer.staging_root.glob(f"{checkpoints.STAGING_PREFIX}*")) == staged_before
+    writer.wait()  # raised once
 
 
 # --------------------------------------------------------------------------------------------
