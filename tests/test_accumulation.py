@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import keyword_rows, write_rows
+from conftest import keyword_rows, reset_accelerate_state, write_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from finetune.accumulation import (
@@ -26,8 +25,7 @@ from finetune.recipe_configs import DataConfig, TrainConfig
 
 def fresh_accelerator(k: int, **train):
     """A new single-process CPU Accelerator (Accelerate keeps global state between instances)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, _ = make_accelerator(
         build_config(TrainConfig, [("test", {"gradient_accumulation_steps": k, **train})])
     )
@@ -148,8 +146,7 @@ def test_windows_sync_once_at_each_window_end():
 def test_windows_need_the_plugin_that_does_not_sync_with_the_dataloader():
     from accelerate import Accelerator
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(RuntimeError, match="sync_with_dataloader=False"):
         next(accumulation_windows(Accelerator(gradient_accumulation_steps=2), [], count_label_terms))
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import CLASSIFY
+from conftest import CLASSIFY, reset_accelerate_state
 from test_recipe_classify import recipe_main, run_bad, toy_args
 
 from finetune.batching import BatchGeometry, find_micro_batch_size, plan_batches
@@ -49,8 +48,7 @@ def oom_above(limit: int, tried: list[int]):
 
 @pytest.fixture
 def accelerator():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, _ = make_accelerator(train_config())
     return accelerator
 
@@ -92,8 +90,7 @@ def test_recipe_shrinks_the_micro_batch_on_a_real_oom_error(tiny_bert, toy_data,
         return forward(self, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", forward_with_little_memory)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     out = tmp_path / "out"
     args = toy_args(tiny_bert, toy_data, out, "train.micro_batch_size=auto", "train.global_batch_size=16")
     args = [a for a in args if not a.startswith("train.gradient_accumulation_steps")]
@@ -101,8 +98,7 @@ def test_recipe_shrinks_the_micro_batch_on_a_real_oom_error(tiny_bert, toy_data,
     recipe_main()(args)
     assert "effective batch 16 = micro-batch 4 x accumulation 4 x 1 process(es)" in capsys.readouterr().out
     assert json.loads((out / "eval_results.json").read_text())["step"] == 3
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_auto_without_a_global_batch_is_refused(tiny_bert, toy_data, tmp_path, capsys):

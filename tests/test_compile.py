@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_jsonl
+from conftest import read_jsonl, reset_accelerate_state
 from test_checkpoints import assert_same_weights, run_args, run_to_end
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -55,7 +55,6 @@ def test_compiled_window_gradient_equals_one_eager_batch(tiny_bert):
 
 def compiled_vs_eager_gradients(tiny_bert) -> None:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import GradientAccumulationPlugin
 
     torch.manual_seed(0)
@@ -75,8 +74,7 @@ def compiled_vs_eager_gradients(tiny_bert) -> None:
     ]
     assert [tuple(b["input_ids"].shape) for b in micro_batches] == [(4, 16), (4, 16)]
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(
         cpu=True,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=2, sync_with_dataloader=False),

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import CLASSIFY, launch, read_jsonl
+from conftest import CLASSIFY, launch, read_jsonl, reset_accelerate_state
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -75,8 +74,7 @@ def make_model(task: str, tiny_bert) -> torch.nn.Module:
 
 def train(task: str, tiny_bert, micro: int, k: int, optimizer: str, examples: list[dict]) -> list[torch.Tensor]:
     """Parameters after training on `examples` in order, micro-batches of `micro`, accumulating `k`."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("t", {"gradient_accumulation_steps": k})]))
     model = make_model(task, tiny_bert)
     opt = (
@@ -126,8 +124,7 @@ def test_parameters_after_accumulated_steps_equal_big_batch_steps(task, k, optim
 def test_naive_division_by_k_gives_other_parameters(tiny_bert):
     """Counter-check on the causal LM: mean loss per micro-batch / k moves the parameters elsewhere."""
     examples = random_examples(26, vocab=40, seed=7)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("t", {"gradient_accumulation_steps": 4})]))
     model = make_model("lm", tiny_bert)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 from test_precision import half_berts, stored_dtypes  # noqa: F401  (fixture)
 from test_recipe_classify import recipe_main, toy_args
@@ -22,11 +22,9 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def fresh_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.mark.parametrize(("stored", "mixed_precision"), [("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "bf16")])
@@ -56,8 +54,7 @@ def test_auto_fits_under_a_memory_cap_and_training_never_runs_out(tiny_bert, toy
 def test_resume_on_the_gpu_is_exact(tiny_bert, toy_data, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     recipe_main()(toy_args(tiny_bert, toy_data, full, "train.max_steps=30", "checkpoint.every_n_steps=10"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     checkpoint = full / "checkpoints" / "step_000020"
     recipe_main()(toy_args(tiny_bert, toy_data, resumed, "train.max_steps=30", f"train.resume_from={checkpoint}"))
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from test_recipe_classify import recipe_main, run_bad, toy_args
 from transformers import AutoModelForSequenceClassification, pipeline
 
@@ -70,11 +70,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
 
 
 def run_in_process(args: list[str], capsys) -> str:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     recipe_main()(args)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return capsys.readouterr().out
 
 

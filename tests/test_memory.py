@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
+from conftest import reset_accelerate_state
 from fake_memory import FakeMemory, fake_device_memory
 from safetensors.torch import load_file
 from test_recipe_classify import recipe_main, toy_args
@@ -46,11 +46,6 @@ def wide_bert(tiny_bert, tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(path)
     return path
-
-
-def fresh_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
@@ -107,7 +102,7 @@ def test_auto_chooses_a_micro_batch_whose_whole_step_fits_the_budget(
     assert whole_step >= forward_backward + state_bytes
     budget = (forward_backward + whole_step) / 2  # 16 passes the old probe, then cannot take its first step
 
-    fresh_state()
+    reset_accelerate_state()
     out = tmp_path / "auto"
     args = wide_args(wide_bert, toy_data, out, "train.micro_batch_size=auto", "train.global_batch_size=16")
     with fake_device_memory(monkeypatch, budget) as meter:
@@ -118,7 +113,7 @@ def test_auto_chooses_a_micro_batch_whose_whole_step_fits_the_budget(
     # Any allocation over the budget raises; training and evaluation never did (no recovery was needed).
     assert "out of memory" not in log and 0 < meter.run_peak <= budget
     assert json.loads((out / "eval_results.json").read_text())["step"] == 6
-    fresh_state()
+    reset_accelerate_state()
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -137,7 +132,7 @@ def test_out_of_memory_in_the_middle_of_training_recovers_with_the_same_result(
     common = ["train.micro_batch_size=8", "train.gradient_accumulation_steps=2", "train.max_steps=6"]
     runs = {}
     for name, faults in {"plain": {}, "recovered": {"forward": {3}, "backward": {13}}}.items():
-        fresh_state()
+        reset_accelerate_state()
         with fake_device_memory(monkeypatch) as meter:
             meter.fail_at.update(faults)
             recipe_main()(wide_args(wide_bert, toy_data, tmp_path / name, *common))
@@ -153,7 +148,7 @@ def test_out_of_memory_in_the_middle_of_training_recovers_with_the_same_result(
     results = [json.loads((runs[n] / "eval_results.json").read_text()) for n in ("plain", "recovered")]
     assert results[0]["step"] == results[1]["step"] == 6
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-5)
-    fresh_state()
+    reset_accelerate_state()
 
 
 def test_out_of_memory_with_several_processes_stops_with_what_to_set():

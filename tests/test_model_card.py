@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from huggingface_hub import ModelCard
 
 from finetune.config import config_to_dict
@@ -194,13 +194,11 @@ def test_format_duration():
 
 
 def test_describe_hardware_cpu():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         text = describe_hardware(Accelerator(cpu=True))
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []  # fmt: skip
     cpu = names[0] if names else platform.processor()

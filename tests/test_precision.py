@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
+from conftest import reset_accelerate_state
 from safetensors import safe_open
 from test_recipe_classify import recipe_main, run_bad, toy_args
 from transformers import AutoModelForSequenceClassification
@@ -96,18 +96,13 @@ def test_pure_bf16_is_refused_where_it_cannot_work():
             check_precision("bf16", launched("bf16", distributed))
 
 
-def fresh_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize(("stored", "mixed_precision"), [("bf16", "bf16"), ("fp16", "no")])
 def test_half_precision_checkpoints_train_and_save_fp32(
     stored, mixed_precision, half_berts, toy_data, tmp_path, capsys
 ):
     """bf16 weights under bf16 autocast (the GPU's silent one-class failure) and fp16 weights without mixed
     precision (the GPU's NaN loss) both learn the toy task from fp32 master weights."""
-    fresh_state()
+    reset_accelerate_state()
     out = tmp_path / "out"
     args = toy_args(half_berts[stored], toy_data, out, f"train.mixed_precision={mixed_precision}")
     recipe_main()(args + ["train.max_steps=60", "eval.every_n_steps=null"])  # bf16 on this CPU is emulated: slow
@@ -119,11 +114,11 @@ def test_half_precision_checkpoints_train_and_save_fp32(
     assert np.isfinite(results["loss"]) and results["loss"] < 0.6 and results["warnings"] == []
     assert results["accuracy"] > 0.6
     assert stored_dtypes(out / "final") == {"F32"}
-    fresh_state()
+    reset_accelerate_state()
 
 
 def test_pure_bf16_trains_bf16_weights_and_warns_when_updates_are_lost(half_berts, toy_data, tmp_path, capsys):
-    fresh_state()
+    reset_accelerate_state()
     out = tmp_path / "out"
     args = toy_args(half_berts["bf16"], toy_data, out, "train.weights_dtype=bf16", "train.max_steps=4")
     recipe_main()([a for a in args if not a.startswith("train.lr")] + ["train.lr=1e-5"])
@@ -133,7 +128,7 @@ def test_pure_bf16_trains_bf16_weights_and_warns_when_updates_are_lost(half_bert
     results = json.loads((out / "eval_results.json").read_text())
     assert any("were lost" in w for w in results["warnings"])
     assert "done WITH WARNINGS" in captured.out and "WARNING:" in captured.err
-    fresh_state()
+    reset_accelerate_state()
 
 
 def test_pure_bf16_with_fp16_autocast_is_refused_before_anything_is_written(half_berts, toy_data, tmp_path, capsys):
@@ -142,7 +137,7 @@ def test_pure_bf16_with_fp16_autocast_is_refused_before_anything_is_written(half
     err = run_bad(args, capsys)
     assert "train.weights_dtype=bf16 with fp16 mixed precision" in err
     assert not out.exists()
-    fresh_state()
+    reset_accelerate_state()
 
 
 def predictions(logits: list[list[float]], labels: list) -> Predictions:
@@ -174,12 +169,12 @@ def test_nan_outputs_stop_the_run_instead_of_reporting_metrics(tiny_bert, toy_da
         return output
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", nan_in_eval)
-    fresh_state()
+    reset_accelerate_state()
     out = tmp_path / "out"
     err = run_bad(toy_args(tiny_bert, toy_data, out, "train.max_steps=2"), capsys)
     assert "outputs are NaN or infinite for 37 of 37 validation examples" in err
     assert not (out / "final").exists() and not (out / "eval_results.json").exists()
-    fresh_state()
+    reset_accelerate_state()
 
 
 @pytest.mark.recipe

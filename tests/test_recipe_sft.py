@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import REPO, launch, read_jsonl, write_rows
+from conftest import REPO, launch, read_jsonl, reset_accelerate_state, write_rows
 from safetensors.torch import load_file
 from test_lm_data import make_tokenizer
 
@@ -91,8 +90,7 @@ def sft_args(tiny_lm: Path, data: dict, output_dir: Path, *extra: str) -> list[s
 
 
 def recipe_main():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     spec = importlib.util.spec_from_file_location("sft_recipe", SFT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -128,7 +126,7 @@ def test_run_writes_a_generating_model_eval_metrics_and_generations(tiny_lm, cha
     assert card.data.pipeline_tag == "text-generation" and "sft" in card.data.tags
     assert "random weights" in card.text and f"{results['perplexity']:.4g}" in card.text
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "logs" / "finetune").is_dir()
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
 
 
 def test_dry_run_reports_rows_steps_parameters_and_memory_without_writing(tiny_lm, chat_data, tmp_path, capsys):
@@ -188,7 +186,7 @@ def test_accumulated_and_chunked_and_packed_windows_train_like_one_big_batch(tin
     for name, tensors in weights.items():
         assert max_difference(tensors, reference) <= 2e-6, name
     assert max_difference(initial, fresh_weights(tiny_lm)) > 1e-3
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
 
 
 def fresh_weights(tiny_lm: Path) -> dict[str, torch.Tensor]:
@@ -234,7 +232,7 @@ def test_resume_from_a_checkpoint_is_bitwise_equal(tiny_lm, chat_data, tmp_path,
     recipe_main()(sft_args(tiny_lm, chat_data, resumed, *args, "train.resume_from=latest"))
     assert "resumed from" in capsys.readouterr().out
     assert max_difference(final_weights(resumed), final_weights(full)) == 0.0
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
 
 
 def run_bad(args: list[str], capsys) -> str:
@@ -279,7 +277,7 @@ def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
     results = json.loads((out / "eval_results.json").read_text())
     assert results["step"] == 3 and "exact_match" in results and results["tokens"] > 0
     assert len(read_jsonl(out / "generations" / "step_000003.jsonl")) == 3
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()
 
 
 def test_lora_run_saves_a_merged_generating_model_and_its_adapter(tiny_lm, chat_data, tmp_path, capsys):
@@ -294,4 +292,4 @@ def test_lora_run_saves_a_merged_generating_model_and_its_adapter(tiny_lm, chat_
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     generated = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 6)
-    AcceleratorState._reset_state(True)
+    reset_accelerate_state()

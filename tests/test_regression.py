@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import CLASSIFY, KEYWORDS, keyword_rows, launch, read_jsonl, write_rows
+from conftest import CLASSIFY, KEYWORDS, keyword_rows, launch, read_jsonl, reset_accelerate_state, write_rows
 from datasets import Dataset
 from scipy import stats
 from sklearn import metrics as skm
@@ -39,8 +38,7 @@ def regression_config(**values) -> DataConfig:
 
 def score(args: list[str]) -> None:
     """finetune-eval in this process (a fresh Accelerate state each time)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     score_main(args)
 
 

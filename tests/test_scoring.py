@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import REPO, free_port, read_jsonl, write_rows
+from conftest import REPO, free_port, read_jsonl, reset_accelerate_state, write_rows
 from safetensors.torch import load_file, save_file
 from test_recipe_classify import recipe_main, toy_args
 from transformers import AutoTokenizer
@@ -24,11 +23,9 @@ from finetune.scoring import main as score_main
 def run_dir(tiny_bert, toy_data, tmp_path_factory):
     """A finished toy run (in this process), plus a second model in checkpoints/ with damaged weights."""
     out = tmp_path_factory.mktemp("scored") / "run"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     recipe_main()(toy_args(tiny_bert, toy_data, out, "checkpoint.every_n_steps=null"))  # one made below
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     checkpoint = out / "checkpoints" / "step_000010" / "model"
     shutil.copytree(out / "final", checkpoint)
     weights = load_file(checkpoint / "model.safetensors")
@@ -38,8 +35,7 @@ def run_dir(tiny_bert, toy_data, tmp_path_factory):
 
 
 def score(args: list[str], capsys) -> str:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     score_main(args)
     return capsys.readouterr().out
 
@@ -162,8 +158,7 @@ def test_bad_input(args, message, run_dir, tmp_path, capsys):
         tmp_path / "sst2.tsv", [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
     )
     args = [a.format(run=run_dir, sst2=sst2, tmp=tmp_path) for a in args]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(SystemExit) as exit_info:
         score_main(args)
     assert exit_info.value.code == 2

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import read_jsonl
+from conftest import read_jsonl, reset_accelerate_state
 from test_recipe_sft import chat_data, recipe_main, sft_args, tiny_lm  # noqa: F401 (fixtures)
 
 from finetune.scoring import CAUSAL_LM, CLASSIFIER, model_kind
@@ -30,14 +29,12 @@ def lm_run(tiny_lm, chat_data, tmp_path_factory, one_thread):  # noqa: F811
     out = tmp_path_factory.mktemp("lm_scored") / "run"
     args = ["train.max_steps=2", "checkpoint.every_n_steps=1", "eval.num_generations=0", "train.cpu_threads=1"]
     recipe_main()(sft_args(tiny_lm, chat_data, out, *args))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return out
 
 
 def score(args: list[str], capsys) -> tuple[str, str]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     score_main([str(a) for a in args])
     captured = capsys.readouterr()
     return captured.out, captured.err
@@ -137,8 +134,7 @@ def test_adapters_of_a_random_init_run_cannot_be_scored(lm_run, tmp_path, capsys
 
 
 def refused(args: list, capsys, one_line: bool = True) -> str:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(SystemExit) as exit_info:
         score_main([str(a) for a in args])
     assert exit_info.value.code == 2

@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin
+from conftest import reset_accelerate_state
 from torch.utils.data import DataLoader
 
 from finetune.accumulation import count_label_terms, summed_classification_loss
@@ -19,8 +19,7 @@ from finetune.training import EarlyStopping, StopSignals, TrainStep, training_wi
 
 
 def make_accelerator(k: int) -> Accelerator:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     plugin = GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)
     return Accelerator(cpu=True, gradient_accumulation_plugin=plugin)
 
