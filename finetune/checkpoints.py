@@ -329,14 +329,29 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / STATE_DIR).mkdir(parents=True)  # before any process writes its RNG state into it
         accelerator.wait_for_everyone()
+
+        def write(into: Path) -> None:
+            accelerator.save_state(str(into / STATE_DIR))
+            write_model(into / MODEL_DIR)
+            if accelerator.is_main_process:
+                if not (into / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
+                    write_json(into / SCHEDULER_FILE, scheduler.state_dict())
+                save_config(cfg, into / "config.yaml")
+
         staging = self._staging_dir() if accelerator.is_main_process else None
-        written = staging or tmp
-        accelerator.save_state(str(tmp / STATE_DIR) if staging is None else str(staging / STATE_DIR))
-        write_model(written / MODEL_DIR)
-        if accelerator.is_main_process:
-            if not (written / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
-                write_json(written / SCHEDULER_FILE, scheduler.state_dict())
-            save_config(cfg, written / "config.yaml")
+        try:
+            write(staging or tmp)
+        except OSError as err:
+            if staging is None:
+                raise
+            # shared memory filled up after all (another program took it): this one in the foreground. Only the
+            # main process writes here, and saving a DDP or single-process state takes no collective.
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = None
+            warnings.warn(
+                f"checkpoint {target.name} could not be staged in RAM ({err}): written in the foreground", stacklevel=2
+            )
+            write(tmp)
         accelerator.wait_for_everyone()  # every process's RNG file is in before the dir is renamed into place
 
         def finish() -> None:

@@ -243,8 +243,8 @@ def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_be
 
 def test_background_write_returns_before_the_disk_write_and_lands_the_same_checkpoint(tmp_path, monkeypatch):
     """checkpoint.background_write: `save` returns with the checkpoint staged in RAM; the thread lands it atomically
-    with the same bytes a foreground save writes; a failed write is raised by the next `wait`, leaving no
-    checkpoint behind, and leaves nothing in /dev/shm."""
+    with the same bytes a foreground save writes; a full /dev/shm falls back to the foreground; a failed disk write
+    is raised by the next `wait`, leaving no checkpoint behind; nothing is left in /dev/shm."""
     import threading
 
     from finetune import checkpoints
@@ -293,6 +293,18 @@ def test_background_write_returns_before_the_disk_write_and_lands_the_same_check
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
+
+    def staging_fills_up(target: Path) -> None:  # /dev/shm taken by something else after the room was checked
+        if target.is_relative_to(writer.staging_root):
+            raise OSError(28, "No space left on device")
+        write_model(target)
+
+    with pytest.warns(UserWarning, match="could not be staged in RAM"):
+        staged_failed = writer.save(
+            scheduler, tmp_path / "staging full", progress, cfg, staging_fills_up, 2, "accuracy"
+        )
+    assert files(staged_failed).keys() == files(foreground).keys(), "written in the foreground instead"
+    assert set(writer.staging_root.glob(f"{checkpoints.STAGING_PREFIX}*")) == staged_before
 
     monkeypatch.setattr(shutil, "copytree", disk_full)
     failed = save(writer, run := tmp_path / "failed")
