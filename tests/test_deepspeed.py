@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,22 @@ def eval_results(output_dir) -> dict:
     return json.loads((output_dir / "eval_results.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def plain_runs(tiny_bert, toy_data, tmp_path_factory):
+    """The run without DeepSpeed that ZeRO must match, with 1 or 2 processes: each trained once for the module."""
+    runs: dict[int, Path] = {}
+
+    def run(processes: int) -> Path:
+        if processes not in runs:
+            output_dir = tmp_path_factory.mktemp(f"plain_{processes}") / "run"
+            result = launch(CLASSIFY, toy_args(tiny_bert, toy_data, output_dir, 8 // processes), processes=processes)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[processes] = output_dir
+        return runs[processes]
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("config", "processes", "tolerance"),
     [
@@ -50,10 +67,9 @@ def eval_results(output_dir) -> dict:
         ("deepspeed_zero3_offload.yaml", 1, 1e-3),
     ],
 )
-def test_zero_trains_like_plain_data_parallel(config, processes, tolerance, tiny_bert, toy_data, tmp_path):
+def test_zero_trains_like_plain_data_parallel(config, processes, tolerance, plain_runs, tiny_bert, toy_data, tmp_path):
     micro = 8 // processes  # same global batches in both runs
-    plain = launch(CLASSIFY, toy_args(tiny_bert, toy_data, tmp_path / "plain", micro), processes=processes)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    plain = plain_runs(processes)
     zero = launch(
         CLASSIFY,
         toy_args(tiny_bert, toy_data, tmp_path / "zero", micro),
@@ -63,7 +79,7 @@ def test_zero_trains_like_plain_data_parallel(config, processes, tolerance, tiny
     assert zero.returncode == 0, zero.stderr[-3000:]
     assert "effective batch 16" in zero.stdout
     assert (tmp_path / "zero" / "final" / "model.safetensors").is_file()
-    got, want = eval_results(tmp_path / "zero"), eval_results(tmp_path / "plain")
+    got, want = eval_results(tmp_path / "zero"), eval_results(plain)
     assert got["step"] == want["step"] == 15
     assert got["loss"] == pytest.approx(want["loss"], rel=tolerance)
 
