@@ -312,6 +312,7 @@ class CheckpointWriter:
         self.staging_root = _staging_root() if self.background else None
         self.pending: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.told_no_room = False
         if self.staging_root is not None and accelerator.is_local_main_process:
             _remove_stale_staging(self.staging_root)
 
@@ -404,7 +405,16 @@ class CheckpointWriter:
 
         needed = int(1.1 * _checkpoint_bytes(self.accelerator)) + 2**28  # plus configs, tokenizer, pickling
         # the staged copy is RAM taken from the run until the thread is done: leave the run 2 GiB to spare
-        if shutil.disk_usage(self.staging_root).free < needed or psutil.virtual_memory().available < needed + 2**31:
+        shm_free, ram_free = shutil.disk_usage(self.staging_root).free, psutil.virtual_memory().available
+        if shm_free < needed or ram_free < needed + 2**31:
+            if not self.told_no_room:  # once a run: the checkpoints are right, only slower to write
+                self.told_no_room = True
+                warnings.warn(
+                    f"checkpoints are written in the foreground: one needs ~{needed / 2**30:.1f} GiB in "
+                    f"{self.staging_root} ({shm_free / 2**30:.1f} GiB free) and in RAM beside 2 GiB to spare "
+                    f"({ram_free / 2**30:.1f} GiB available). In a container, a larger --shm-size gives room.",
+                    stacklevel=3,
+                )
             return None
         return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.staging_root))
 

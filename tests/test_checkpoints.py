@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -305,6 +306,17 @@ def test_background_write_returns_before_the_disk_write_and_lands_the_same_check
         )
     assert files(staged_failed).keys() == files(foreground).keys(), "written in the foreground instead"
     assert set(writer.staging_root.glob(f"{checkpoints.STAGING_PREFIX}*")) == staged_before
+
+    import psutil
+
+    with monkeypatch.context() as patched:  # no room in RAM: the foreground, said once
+        patched.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**30})())
+        with pytest.warns(UserWarning, match="checkpoints are written in the foreground"):
+            no_room = save(writer, tmp_path / "no room")
+        assert (no_room / PROGRESS_FILE).is_file(), "complete when save returns"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            save(writer, tmp_path / "no room 2")
 
     monkeypatch.setattr(shutil, "copytree", disk_full)
     failed = save(writer, run := tmp_path / "failed")
