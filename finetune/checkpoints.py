@@ -267,23 +267,6 @@ def refuse_changes(changes: list[str], checkpoint: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    scheduler,
-    run_dir: Path,
-    progress: Progress,
-    cfg,
-    write_model,
-    keep_last: int,
-    metric_for_best: str,
-) -> Path:
-    """Write a checkpoint atomically, in the foreground (every process calls this); prune old ones; point `best`
-    at the best. `CheckpointWriter` does the same with the disk writes in the background."""
-    return CheckpointWriter(accelerator, background=False).save(
-        scheduler, run_dir, progress, cfg, write_model, keep_last, metric_for_best
-    )
-
-
 STAGING_PREFIX = "finetune-checkpoint-"
 
 
