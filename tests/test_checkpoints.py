@@ -156,16 +156,22 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_or_overwriting(tmp_
         check_output_dir(tmp_path, overwrite=False, fresh_if_unfinished=True)
 
 
+def stepped_linear(accelerator, inputs: int, outputs: int):
+    """A prepared Linear layer, AdamW and a constant LR schedule, after one optimizer step (AdamW state exists)."""
+    model = torch.nn.Linear(inputs, outputs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model(torch.ones(2, inputs, device=accelerator.device)).sum().backward()
+    optimizer.step()
+    return model, optimizer, scheduler
+
+
 def test_state_round_trip_reads_torch_files_with_weights_only(tmp_path: Path, monkeypatch):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model(torch.ones(3, 4)).sum().backward()
-    optimizer.step()
+    model, _, _ = stepped_linear(accelerator, 4, 2)
     accelerator.save_state(str(tmp_path))
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("pytorch_model*"))
     saved = {name: t.clone() for name, t in model.state_dict().items()}
@@ -254,12 +260,7 @@ def test_background_write_returns_before_the_disk_write_and_lands_the_same_check
     reset_accelerate_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))
     torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model(torch.ones(2, 64)).sum().backward()
-    optimizer.step()
+    model, _, scheduler = stepped_linear(accelerator, 64, 64)
 
     def write_model(target: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
