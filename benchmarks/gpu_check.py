@@ -41,7 +41,7 @@ def prepare() -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from finetune.paths import local_path
+    from finetune.core.paths import local_path
 
     shutil.rmtree(CARRY, ignore_errors=True)
     subprocess.run(

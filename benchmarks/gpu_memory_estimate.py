@@ -1,4 +1,4 @@
-"""finetune.memory_estimate against measured training steps on one CUDA GPU: a ~1B LLaMA, < 5 minutes on an H100.
+"""finetune.plan.memory_estimate against measured training steps on one CUDA GPU: a ~1B LLaMA, < 5 minutes on an H100.
 
     python benchmarks/gpu_memory_estimate.py         # on the GPU machine: a markdown table on stdout
     python benchmarks/gpu_memory_estimate.py --cpu   # anywhere: the same cases with a tiny LLaMA on CPU (~2 minutes)
@@ -8,13 +8,13 @@ tied embeddings: 1.24B parameters), built from its config with random weights on
 with an Accelerator in bf16 mixed precision, as the recipes are launched, with fp32 or pure bf16 weights, full
 fine-tuning or LoRA (r 16, all linear layers), gradient checkpointing on or off, the chunked loss on or off, at two
 sequence lengths (micro-batch 4; one position padded, as the recipes' batches are, every other one a target). It
-runs 2 training steps as finetune.training does: finetune.lm_loss.next_token_loss, accelerator.backward, clipping at
+runs 2 training steps as finetune.training does: finetune.lm.loss.next_token_loss, accelerator.backward, clipping at
 1.0, the fused AdamW step, zero_grad.
 
 Measured: torch.cuda.max_memory_allocated over the case, less what was allocated before the model was built (what
 the recipes report on a GPU). With --cpu: the growth of the process's peak resident set size (VmHWM, reset per case
 through /proc/self/clear_refs; large blocks mmap'ed so that freed memory leaves the process). Estimated:
-finetune.memory_estimate.estimate_memory with the same settings. Needs only torch, transformers, peft, accelerate.
+finetune.plan.memory_estimate.estimate_memory with the same settings. Needs only torch, transformers, peft, accelerate.
 A case that fails is a FAIL row and the script exits 1.
 """
 
@@ -35,12 +35,12 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from finetune.lm_loss import enable_chunked_loss, next_token_loss  # noqa: E402
-from finetune.memory_estimate import estimate_memory  # noqa: E402
-from finetune.modeling import apply_lora  # noqa: E402
-from finetune.optim import build_optimizer  # noqa: E402
-from finetune.precision import WEIGHT_DTYPES  # noqa: E402
-from finetune.recipe_configs import LoraConfig  # noqa: E402
+from finetune.core.modeling import apply_lora  # noqa: E402
+from finetune.core.optim import build_optimizer  # noqa: E402
+from finetune.core.precision import WEIGHT_DTYPES  # noqa: E402
+from finetune.core.schemas import LoraConfig  # noqa: E402
+from finetune.lm.loss import enable_chunked_loss, next_token_loss  # noqa: E402
+from finetune.plan.memory_estimate import estimate_memory  # noqa: E402
 
 GPU = {
     "model": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

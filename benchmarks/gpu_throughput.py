@@ -359,8 +359,8 @@ def write_data(data_dir: Path, rows: int, target: Path) -> None:
 
 def minilm_dir(work: Path) -> Path:
     """The packaged MiniLM where it is installed, else the fp16 copy carried in .gpu_carry/ stored back in fp32."""
-    from finetune.errors import UserError
-    from finetune.paths import local_path
+    from finetune.core.errors import UserError
+    from finetune.core.paths import local_path
 
     try:
         return local_path(MINILM, "model")

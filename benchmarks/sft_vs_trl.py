@@ -213,11 +213,11 @@ def memory(device: str) -> dict:
 def recipe_worker(stats: Path, accumulation: int, recipe_args: list[str]) -> None:
     """Run recipes/sft.py in this process (under `accelerate launch`), with a ForwardMeter on its model and the
     peak memory read where the recipe reads its own (end of training, before the final evaluation)."""
-    import finetune.modeling
-    import finetune.tracking
+    import finetune.core.modeling
+    import finetune.training.tracking
 
     record: dict = {}
-    original_load, original_memory = finetune.modeling.load_causal_lm, finetune.tracking.memory_mb
+    original_load, original_memory = finetune.core.modeling.load_causal_lm, finetune.training.tracking.memory_mb
     meter: ForwardMeter | None = None
 
     def load_causal_lm(cfg, tokenizer, dtype):
@@ -233,7 +233,7 @@ def recipe_worker(stats: Path, accumulation: int, recipe_args: list[str]) -> Non
         record["memory"] = memory(device.type)  # the last call is the one after training
         return out
 
-    finetune.modeling.load_causal_lm, finetune.tracking.memory_mb = load_causal_lm, memory_mb
+    finetune.core.modeling.load_causal_lm, finetune.training.tracking.memory_mb = load_causal_lm, memory_mb
     sys.argv = [str(RECIPE), *recipe_args]
     try:
         runpy.run_path(str(RECIPE), run_name="__main__")
@@ -249,10 +249,12 @@ def validation_loss(model, tokenizer, path: Path, max_length: int, device) -> fl
     """Mean loss per assistant token over a chat JSONL, as the recipe's evaluation computes it."""
     import torch
 
-    from finetune.accumulation import count_next_token_terms
-    from finetune.lm_data import SFTCollator, load_sft_data, tokenize_sft
-    from finetune.lm_loss import next_token_loss
-    from finetune.recipe_configs import SFTDataConfig
+    from finetune.core.schemas import SFTDataConfig
+    from finetune.lm.collate import SFTCollator
+    from finetune.lm.data import load_sft_data
+    from finetune.lm.loss import next_token_loss
+    from finetune.lm.tokenize import tokenize_sft
+    from finetune.training.accumulation import count_next_token_terms
 
     cfg = SFTDataConfig(train=str(path), validation=str(path), max_length=max_length)
     data = load_sft_data(cfg)
@@ -280,8 +282,8 @@ def trl_worker(spec: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.accumulation import IGNORE_INDEX
-    from finetune.lm_loss import disable_chunked_loss, enable_chunked_loss, next_token_loss
+    from finetune.lm.loss import disable_chunked_loss, enable_chunked_loss, next_token_loss
+    from finetune.training.accumulation import IGNORE_INDEX
 
     device = spec["device"]
     if device == "cpu":

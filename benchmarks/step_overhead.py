@@ -8,11 +8,11 @@ on a model too small for arithmetic to matter (so what is left is per-step overh
 Both loops train the same tiny random BertForSequenceClassification (2 layers, hidden 64, 2 heads,
 intermediate 128, vocab 1000, 2 labels) on the same precomputed random token
 batches (fixed length 32, an attention mask with random padding), fed by a DataLoader over a list, with the same
-fused AdamW and linear schedule (`finetune.optim.build_optimizer` / `build_scheduler`) and clipping at 1.0:
+fused AdamW and linear schedule (`finetune.core.optim.build_optimizer` / `build_scheduler`) and clipping at 1.0:
 
 - plain: model(**batch) -> cross-entropy (sum / count), backward, clip_grad_norm_, optimizer.step(),
   scheduler.step(), zero_grad(); with accumulation, every micro-batch's summed loss / the window's count.
-- library: the classify recipe's loop (recipes/classify.py): `finetune.launch.make_accelerator`,
+- library: the classify recipe's loop (recipes/classify.py): `finetune.training.launch.make_accelerator`,
   `accelerator.prepare`, `training_windows` with `count_label_terms`, `TrainStep`, `StopSignals`, `Progress`,
   `train_step.log_record()` every 10 steps, the cadence checks and `train_step.paused()` block (no evaluation
   or checkpoint falls due). Not included: RunLog's file/console output and progress bar (I/O, not the step).
@@ -127,7 +127,7 @@ def plain_steps(model, optimizer, batches: list[dict], accumulation: int, device
     import torch
     import torch.nn.functional as F
 
-    from finetune.optim import build_scheduler
+    from finetune.core.optim import build_scheduler
 
     scheduler = build_scheduler(optimizer, "linear", total)
     loader = loader_over(batches)
@@ -159,12 +159,13 @@ def plain_steps(model, optimizer, batches: list[dict], accumulation: int, device
 def library_steps(accelerator, model, optimizer, batches: list[dict], accumulation: int, total: int, out: dict):
     """The classify recipe's training loop (recipes/classify.py), minus RunLog's output and progress bar;
     `out["records"]` collects what it would log."""
-    from finetune.accumulation import count_label_terms
-    from finetune.checkpoints import Progress
-    from finetune.classification import classification_loss
-    from finetune.optim import build_scheduler
-    from finetune.recipe_configs import CheckpointConfig
-    from finetune.training import EarlyStopping, StopSignals, TrainStep, checkpoint_due, every, training_windows
+    from finetune.classify.model import classification_loss
+    from finetune.core.optim import build_scheduler
+    from finetune.core.schemas import CheckpointConfig
+    from finetune.training.accumulation import count_label_terms
+    from finetune.training.loop import EarlyStopping, checkpoint_due, every
+    from finetune.training.progress import Progress
+    from finetune.training.step import StopSignals, TrainStep, training_windows
 
     accelerator.gradient_accumulation_steps = accumulation
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -206,15 +207,15 @@ def shared_model(base_model, device):
     """The model and fused AdamW both loops train, in turn: the same tensors in the same memory, so that where
     the allocator happened to put one loop's weights and optimizer state cannot favour it (two identical loops
     on two copies of the model differ by up to ~5% in one process on this machine)."""
-    from finetune.optim import build_optimizer
+    from finetune.core.optim import build_optimizer
 
     model = copy.deepcopy(base_model).to(device)
     return model, build_optimizer(model, LR, WEIGHT_DECAY)  # decay on weight matrices only, as the recipes
 
 
 def make_bench_accelerator(threads: int):
-    from finetune.launch import make_accelerator
-    from finetune.recipe_configs import TrainConfig
+    from finetune.core.schemas import TrainConfig
+    from finetune.training.launch import make_accelerator
 
     accelerator, _ = make_accelerator(TrainConfig(micro_batch_size=8, cpu_threads=threads), trackers=[])
     return accelerator
@@ -380,11 +381,11 @@ def component_costs(accelerator, base_model) -> dict[str, float]:
     import torch
     from accelerate.utils import send_to_device, set_seed
 
-    from finetune.accumulation import LossMeter, Window, count_label_terms, windows
-    from finetune.checkpoints import Progress, seed_window
-    from finetune.optim import build_optimizer
-    from finetune.tracking import Throughput
-    from finetune.training import StopSignals, window_counts
+    from finetune.core.optim import build_optimizer
+    from finetune.training.accumulation import LossMeter, Window, count_label_terms, windows
+    from finetune.training.progress import Progress, seed_window
+    from finetune.training.step import StopSignals, window_counts
+    from finetune.training.tracking import Throughput
 
     accelerator.free_memory()
     accelerator.gradient_accumulation_steps = 1

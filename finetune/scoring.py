@@ -15,8 +15,8 @@ type of AutoModelForCausalLM when no architecture is named) or from the run's co
   (the tokens training puts loss on: data.train_on_prompt and the rest of the run's data keys), and with
   eval.num_generations=N by exact_match of greedy generations for the first N prompts.
 
-Models are scored in fp32 by the code training evaluates with (finetune.evaluation.predict,
-finetune.lm_evaluation.evaluate_lm): a final/ scores as the run's eval_results.json reports (up to the
+Models are scored in fp32 by the code training evaluates with (finetune.classify.evaluate.predict,
+finetune.lm.evaluate.evaluate_lm): a final/ scores as the run's eval_results.json reports (up to the
 rounding of mixed precision, when the run trained under it).
 
 Data keys are the recipe's (`data.*`); without overrides the run's own validation data is used, read from
@@ -51,29 +51,31 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from finetune.classification import head_config, load_classification_data, padding_collator, regression_labels, tokenize
-from finetune.config import COMMAND_LINE, build_config, describe_type, option, parse_argv, read_yaml, schema_keys
-from finetune.data import is_hub_dataset, make_dataloader, read_source, read_validation
-from finetune.errors import UserError, exit_on_user_error, first_line, is_rank_zero
-from finetune.evaluation import Predictions, classification_metrics, predict
-from finetune.lm_data import (
-    SFTCollator,
+from finetune.classify.collate import padding_collator
+from finetune.classify.data import load_classification_data, regression_labels, tokenize
+from finetune.classify.evaluate import Predictions, classification_metrics, predict
+from finetune.classify.model import head_config
+from finetune.core.config import COMMAND_LINE, build_config, describe_type, option, parse_argv, read_yaml, schema_keys
+from finetune.core.data import is_hub_dataset, make_dataloader, read_source, read_validation
+from finetune.core.errors import UserError, exit_on_user_error, first_line, is_rank_zero
+from finetune.core.metric_names import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
+from finetune.core.modeling import load_causal_lm, load_tokenizer
+from finetune.core.paths import local_path, looks_like_path
+from finetune.core.run_dir import write_json
+from finetune.core.schemas import DataConfig, SFTDataConfig, SFTModelConfig
+from finetune.lm.collate import SFTCollator
+from finetune.lm.data import (
     check_chat_template,
     data_format,
-    generation_prompts,
     load_sft_data,
     normalise,
-    pack_examples,
     resolve_format,
-    tokenize_sft,
 )
-from finetune.lm_evaluation import evaluate_lm, generate_greedy, score_generations, write_generations
-from finetune.lm_loss import check_packing_supported, enable_chunked_loss, next_token_loss
-from finetune.metric_names import LOWER_IS_BETTER, available_metrics, check_metric_names, default_metrics
-from finetune.modeling import load_causal_lm, load_tokenizer
-from finetune.paths import local_path, looks_like_path
-from finetune.recipe_configs import DataConfig, SFTDataConfig, SFTModelConfig
-from finetune.runs import write_json
+from finetune.lm.evaluate import evaluate_lm, generate_greedy, score_generations, write_generations
+from finetune.lm.loss import enable_chunked_loss, next_token_loss
+from finetune.lm.packing import pack_examples
+from finetune.lm.packing_support import check_packing_supported
+from finetune.lm.tokenize import generation_prompts, tokenize_sft
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -86,7 +88,7 @@ class ScoreEvalConfig:
     batch_size: int = option(64, "examples per process per batch", ge=1)
     metrics: list[str] | None = option(
         None,
-        "offline evaluate metrics (see finetune.metrics); null = the model's task: accuracy, f1_macro "
+        "offline evaluate metrics (see finetune.classify.metrics); null = the model's task: accuracy, f1_macro "
         "(regression: pearson, spearman, mse)",
     )
     metric_for_best: str | None = option(None, "metric that orders the leaderboard of a run; null = the first metric")
@@ -540,7 +542,7 @@ def lm_metric_for_best(cfg: ScoreLMConfig, saved: dict | None) -> str:
 
 
 def load_lm_examples(data: SFTDataConfig, have_source: bool) -> Dataset:
-    """The examples to score, normalised as `finetune.lm_data.load_sft_data` normalises them.
+    """The examples to score, normalised as `finetune.lm.data.load_sft_data` normalises them.
 
     data.validation is read as a file when it is a local path (else as a split of data.train's Hub dataset, as
     training reads it); without data.validation, the run's validation split is carved from data.train again
@@ -595,7 +597,7 @@ def random_init_adapter_message(path: Path) -> str:
 
 def load_lm(path: Path, cfg: ScoreLMConfig, base_given: bool):
     """(tokenizer, model in fp32) of a full model dir, or of a peft adapter on its base model, by
-    `finetune.modeling.load_causal_lm` as training loads it."""
+    `finetune.core.modeling.load_causal_lm` as training loads it."""
     model_cfg = SFTModelConfig(
         name_or_path=str(path),
         trust_remote_code=cfg.model.trust_remote_code,

@@ -18,33 +18,14 @@ from pathlib import Path
 import transformers
 from accelerate.utils import set_seed
 
-from finetune.accumulation import count_next_token_terms
-from finetune.batching import find_micro_batch_size
-from finetune.checkpoints import (
-    CheckpointWriter,
-    Progress,
-    resume,
-)
-from finetune.compile import batch_collators
-from finetune.config import DRY_RUN
-from finetune.data import CollatedOnce, longest_batch, make_dataloader
-from finetune.dry_run import report_dry_run
-from finetune.errors import exit_on_user_error
-from finetune.fsdp import prepare_fsdp
-from finetune.launch import make_accelerator
-from finetune.lm_data import (
-    SFTCollator,
-    check_chat_template,
-    describe_data,
-    generation_prompts,
-    load_sft_data,
-    pack_examples,
-    tokenize_sft,
-)
-from finetune.lm_evaluation import evaluate_lm, generate_greedy, score_generations, write_generations
-from finetune.lm_loss import check_packing_supported, enable_chunked_loss, next_token_loss
-from finetune.memory import rehearse_step
-from finetune.modeling import (
+from finetune.core.compile import batch_collators
+from finetune.core.config import DRY_RUN
+from finetune.core.data import CollatedOnce, longest_batch, make_dataloader
+from finetune.core.errors import exit_on_user_error
+from finetune.core.fsdp import prepare_fsdp
+from finetune.core.geometry import find_micro_batch_size
+from finetune.core.memory import rehearse_step
+from finetune.core.modeling import (
     apply_lora,
     check_lora_targets,
     check_max_length,
@@ -54,22 +35,28 @@ from finetune.modeling import (
     parameter_counts,
     write_model,
 )
-from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
-from finetune.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
-from finetune.recipe_configs import SFTConfig
-from finetune.reporting import RunSummary, finish_run
-from finetune.run_start import open_run, start_run
-from finetune.startup import startup
-from finetune.tracking import memory_mb, resolve_trackers
-from finetune.training import (
-    EarlyStopping,
-    StopSignals,
-    TrainStep,
-    checkpoint_due,
-    every,
-    stop_for_signal,
-    training_windows,
-)
+from finetune.core.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from finetune.core.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
+from finetune.core.schemas import SFTConfig
+from finetune.core.startup import startup
+from finetune.lm.collate import SFTCollator
+from finetune.lm.data import check_chat_template, load_sft_data
+from finetune.lm.evaluate import evaluate_lm, generate_greedy, score_generations, write_generations
+from finetune.lm.loss import enable_chunked_loss, next_token_loss
+from finetune.lm.packing import pack_examples
+from finetune.lm.packing_support import check_packing_supported
+from finetune.lm.tokenize import describe_data, generation_prompts, tokenize_sft
+from finetune.plan.dry_run import report_dry_run
+from finetune.report.reporting import RunSummary, finish_run
+from finetune.training.accumulation import count_next_token_terms
+from finetune.training.checkpoints.resume import resume
+from finetune.training.checkpoints.writer import CheckpointWriter
+from finetune.training.launch import make_accelerator
+from finetune.training.loop import EarlyStopping, checkpoint_due, every, stop_for_signal
+from finetune.training.progress import Progress
+from finetune.training.run import open_run, start_run
+from finetune.training.step import StopSignals, TrainStep, training_windows
+from finetune.training.tracking import memory_mb, resolve_trackers
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
 

@@ -16,7 +16,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tokenized data is cached (finetune.token_cache): here in a dir of this test session, never the user's.
+# Tokenized data is cached (finetune.core.token_cache): here in a dir of this test session, never the user's.
 os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-test-cache-"))
 
 

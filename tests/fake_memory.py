@@ -29,7 +29,7 @@ class _Saved:
 
 
 class FakeMemory:
-    """Also a drop-in for `finetune.memory.DeviceMemory` (peak, limit, reset_peak)."""
+    """Also a drop-in for `finetune.core.memory.DeviceMemory` (peak, limit, reset_peak)."""
 
     def __init__(self, budget: float = float("inf")):
         self.budget = budget
@@ -124,14 +124,14 @@ class FakeMemory:
 @contextmanager
 def fake_device_memory(monkeypatch, budget: float = float("inf")):
     """Run a recipe in-process under a FakeMemory: its model and optimizer counted, `auto` measuring it."""
-    import finetune.batching
-    import finetune.classification
-    import finetune.optim
+    import finetune.classify.data
+    import finetune.core.geometry
+    import finetune.core.optim
 
     meter = FakeMemory(budget)
-    load, build = finetune.classification.load_classifier, finetune.optim.build_optimizer
-    monkeypatch.setattr(finetune.classification, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
-    monkeypatch.setattr(finetune.optim, "build_optimizer", lambda *a, **k: meter.add_optimizer(build(*a, **k)))
-    monkeypatch.setattr(finetune.batching, "DeviceMemory", lambda device: meter)
+    load, build = finetune.classify.model.load_classifier, finetune.core.optim.build_optimizer
+    monkeypatch.setattr(finetune.classify.data, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
+    monkeypatch.setattr(finetune.core.optim, "build_optimizer", lambda *a, **k: meter.add_optimizer(build(*a, **k)))
+    monkeypatch.setattr(finetune.core.geometry, "DeviceMemory", lambda device: meter)
     with meter.counting():
         yield meter

@@ -7,7 +7,12 @@ import torch
 from conftest import keyword_rows, reset_accelerate_state, write_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from finetune.accumulation import (
+from finetune.classify.collate import padding_collator
+from finetune.classify.data import load_classification_data, tokenize
+from finetune.core.config import build_config
+from finetune.core.data import make_dataloader
+from finetune.core.schemas import DataConfig, TrainConfig
+from finetune.training.accumulation import (
     IGNORE_INDEX,
     LossMeter,
     accumulation_windows,
@@ -16,11 +21,7 @@ from finetune.accumulation import (
     summed_classification_loss,
     summed_next_token_loss,
 )
-from finetune.classification import load_classification_data, padding_collator, tokenize
-from finetune.config import build_config
-from finetune.data import make_dataloader
-from finetune.launch import make_accelerator
-from finetune.recipe_configs import DataConfig, TrainConfig
+from finetune.training.launch import make_accelerator
 
 
 def fresh_accelerator(k: int, **train):

@@ -9,11 +9,11 @@ import torch
 from conftest import CLASSIFY, reset_accelerate_state
 from test_recipe_classify import recipe_main, run_bad, toy_args
 
-from finetune.batching import BatchGeometry, find_micro_batch_size, plan_batches
-from finetune.config import build_config
-from finetune.errors import UserError
-from finetune.launch import make_accelerator
-from finetune.recipe_configs import TrainConfig
+from finetune.core.config import build_config
+from finetune.core.errors import UserError
+from finetune.core.geometry import BatchGeometry, find_micro_batch_size, plan_batches
+from finetune.core.schemas import TrainConfig
+from finetune.training.launch import make_accelerator
 
 
 def train_config(**values) -> TrainConfig:

@@ -28,23 +28,21 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from finetune.checkpoints import (
+from finetune.core.config import build_config
+from finetune.core.errors import UserError
+from finetune.core.run_dir import check_output_dir
+from finetune.core.schemas import TrainConfig
+from finetune.training.checkpoints.layout import (
     BEST_LINK,
     CHECKPOINTS_DIR,
     MODEL_DIR,
     PROGRESS_FILE,
     STATE_DIR,
-    config_changes,
     list_checkpoints,
     prune,
-    resolve_resume,
-    trim_metrics_log,
 )
-from finetune.config import build_config
-from finetune.errors import UserError
-from finetune.launch import make_accelerator
-from finetune.recipe_configs import TrainConfig
-from finetune.runs import check_output_dir
+from finetune.training.checkpoints.resume import config_changes, resolve_resume, trim_metrics_log
+from finetune.training.launch import make_accelerator
 
 # --------------------------------------------------------------------------------------------
 # Unit: finding, pruning, comparing
@@ -196,8 +194,8 @@ def test_checkpoint_state_holds_no_weights_and_loads_them_from_model_dir(tiny_be
     trainable weights, and refuses a base model whose frozen weights differ from the one it was trained on."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.modeling import apply_lora, write_model
-    from finetune.recipe_configs import LoraConfig
+    from finetune.core.modeling import apply_lora, write_model
+    from finetune.core.schemas import LoraConfig
 
     def build(seed_offset: float = 0.0):
         torch.manual_seed(0)
@@ -254,8 +252,9 @@ def test_background_write_returns_before_the_disk_write_and_lands_the_same_check
     is raised by the next `wait`, leaving no checkpoint behind; nothing is left in /dev/shm."""
     import threading
 
-    from finetune import checkpoints
-    from finetune.checkpoints import CheckpointWriter, Progress
+    from finetune.training.checkpoints import writer as checkpoints
+    from finetune.training.checkpoints.writer import CheckpointWriter
+    from finetune.training.progress import Progress
 
     reset_accelerate_state()
     accelerator, _ = make_accelerator(build_config(TrainConfig, [("test", {"micro_batch_size": 2})]))

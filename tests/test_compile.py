@@ -13,11 +13,12 @@ from conftest import read_jsonl, reset_accelerate_state
 from test_checkpoints import assert_same_weights, run_args, run_to_end
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from finetune.accumulation import IGNORE_INDEX, count_label_terms, windows
-from finetune.checkpoints import CHECKPOINTS_DIR
-from finetune.classification import classification_loss, padding_collator
-from finetune.compile import LengthBuckets
-from finetune.lm_data import SFTCollator
+from finetune.classify.collate import padding_collator
+from finetune.classify.model import classification_loss
+from finetune.core.compile import LengthBuckets
+from finetune.lm.collate import SFTCollator
+from finetune.training.accumulation import IGNORE_INDEX, count_label_terms, windows
+from finetune.training.checkpoints.layout import CHECKPOINTS_DIR
 
 
 def test_buckets_are_powers_of_two_up_to_max_length_and_a_short_batch_gets_the_longest():

@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from finetune.config import (
+from finetune.core.config import (
     build_config,
     closest_key,
     coerce,
@@ -18,8 +18,8 @@ from finetune.config import (
     parse_argv,
     save_config,
 )
-from finetune.errors import ConfigError, UserError
-from finetune.recipe_configs import ClassifyConfig
+from finetune.core.errors import ConfigError, UserError
+from finetune.core.schemas import ClassifyConfig
 
 
 @dataclass

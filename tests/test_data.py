@@ -9,11 +9,12 @@ import pytest
 from conftest import keyword_rows, write_rows
 from transformers import AutoTokenizer
 
-from finetune.classification import load_classification_data, padding_collator, tokenize
-from finetune.config import build_config
-from finetune.data import make_dataloader, read_source
-from finetune.errors import UserError
-from finetune.recipe_configs import DataConfig
+from finetune.classify.collate import padding_collator
+from finetune.classify.data import load_classification_data, tokenize
+from finetune.core.config import build_config
+from finetune.core.data import make_dataloader, read_source
+from finetune.core.errors import UserError
+from finetune.core.schemas import DataConfig
 
 
 def data_config(**values) -> DataConfig:
@@ -165,7 +166,7 @@ def test_training_data_that_cannot_teach_the_task_is_refused(tmp_path):
 
 
 def test_dry_run_description_counts_labels_lengths_and_truncation(tiny_bert: Path, tmp_path):
-    from finetune.classification import describe_data
+    from finetune.classify.data import describe_data
 
     rows = [{"text": "apple " * n, "label": "fruit" if n % 3 else "animal"} for n in range(1, 31)]
     train = write_rows(tmp_path / "t.csv", rows)

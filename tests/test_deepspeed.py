@@ -99,7 +99,7 @@ def test_deepspeed_setting_that_contradicts_the_recipe_is_refused(tiny_bert, toy
 
 def test_zero2_resumes_from_a_checkpoint_bitwise(tiny_bert, toy_data, tmp_path):
     """Under DeepSpeed the engine saves model and optimizer; the LR scheduler is saved beside (see
-    finetune.checkpoints.SCHEDULER_FILE). A run resumed from its step-10 checkpoint ends bitwise equal."""
+    finetune.training.checkpoints.layout.SCHEDULER_FILE). A run resumed from its step-10 checkpoint ends bitwise equal."""
     config = CONFIGS / "deepspeed_zero2.yaml"
     checkpointing = ["train.epochs=2", "checkpoint.every_n_steps=10", "checkpoint.keep_last=5"]
     full = tmp_path / "full"

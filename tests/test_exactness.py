@@ -11,7 +11,9 @@ from conftest import CLASSIFY, launch, read_jsonl, reset_accelerate_state
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from finetune.accumulation import (
+from finetune.core.config import build_config
+from finetune.core.schemas import TrainConfig
+from finetune.training.accumulation import (
     IGNORE_INDEX,
     accumulation_windows,
     count_label_terms,
@@ -19,9 +21,7 @@ from finetune.accumulation import (
     summed_classification_loss,
     summed_next_token_loss,
 )
-from finetune.config import build_config
-from finetune.launch import make_accelerator
-from finetune.recipe_configs import TrainConfig
+from finetune.training.launch import make_accelerator
 
 # ---------------------------------------------------------------------------------------------
 # In one process: the library pieces the recipes use, against the big batch.

@@ -20,8 +20,8 @@ import torch
 from conftest import CLASSIFY, REPO, launch, launch_command
 from test_checkpoints import assert_same_weights, interrupt, run_args
 
-from finetune.checkpoints import PROGRESS_FILE, list_checkpoints
-from finetune.fsdp import fit_wrap_policy, materialize_meta_parameters
+from finetune.core.fsdp import fit_wrap_policy, materialize_meta_parameters
+from finetune.training.checkpoints.layout import PROGRESS_FILE, list_checkpoints
 
 FSDP_CONFIG = REPO / "accelerate_configs" / "fsdp.yaml"
 PROCESSES = 2
@@ -137,7 +137,7 @@ def test_fsdp_run_trains_and_saves_full_models_and_full_state(fsdp_run):
     checkpoint = list_checkpoints(fsdp_run)[-1]
     assert checkpoint.name == "step_000020"
     # fsdp_state_dict_type FULL_STATE_DICT: the whole model and optimizer state, gathered on the first process
-    # (a DDP run writes its weights once, in model/: see finetune.checkpoints.keep_weights_once).
+    # (a DDP run writes its weights once, in model/: see finetune.training.checkpoints.weights.keep_weights_once).
     state = {p.name for p in (checkpoint / "state").iterdir()}
     rng = {"random_states_0.pkl", "random_states_1.pkl"}
     assert state == {"pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.bin", *rng}
@@ -188,7 +188,7 @@ def check_one_step(accelerator, spec: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from finetune.fsdp import prepare_fsdp
+    from finetune.core.fsdp import prepare_fsdp
 
     kind, path = spec.split(":", 1)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification

@@ -9,7 +9,7 @@ from conftest import reset_accelerate_state
 from test_recipe_classify import recipe_main, run_bad, toy_args
 from transformers import AutoModelForSequenceClassification, pipeline
 
-from finetune.data import LengthGroupedSampler
+from finetune.core.data import LengthGroupedSampler
 
 
 def padding_share(order: list[int], lengths: list[int], batch_size: int) -> float:

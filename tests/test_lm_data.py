@@ -15,19 +15,14 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from finetune.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
-from finetune.config import build_config
-from finetune.errors import UserError
-from finetune.lm_data import (
-    SFTCollator,
-    best_fit_decreasing,
-    check_chat_template,
-    generation_prompts,
-    load_sft_data,
-    pack_examples,
-    tokenize_sft,
-)
-from finetune.recipe_configs import SFTDataConfig
+from finetune.core.config import build_config
+from finetune.core.errors import UserError
+from finetune.core.schemas import SFTDataConfig
+from finetune.lm.collate import SFTCollator
+from finetune.lm.data import check_chat_template, load_sft_data
+from finetune.lm.packing import best_fit_decreasing, pack_examples
+from finetune.lm.tokenize import generation_prompts, tokenize_sft
+from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Role header, content, end-of-turn and newline per message; the generation prompt is the assistant header.

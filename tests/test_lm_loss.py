@@ -15,11 +15,9 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finetune.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
-from finetune.errors import UserError
-from finetune.lm_loss import (
+from finetune.core.errors import UserError
+from finetune.lm.loss import (
     ChunkedLossHead,
-    check_packing_supported,
     chunked_linear_cross_entropy,
     chunked_next_token_loss,
     disable_chunked_loss,
@@ -27,6 +25,8 @@ from finetune.lm_loss import (
     find_chunked_head,
     next_token_loss,
 )
+from finetune.lm.packing_support import check_packing_supported
+from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
 
 VOCAB = 301
 

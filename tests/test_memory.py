@@ -19,14 +19,15 @@ from safetensors.torch import load_file
 from test_recipe_classify import recipe_main, toy_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from finetune.accumulation import Window, WindowBackward, summed_classification_loss
-from finetune.classification import load_classification_data, padding_collator, tokenize
-from finetune.config import build_config
-from finetune.data import longest_batch
-from finetune.errors import UserError
-from finetune.memory import materialise_optimizer_state, rehearse_step
-from finetune.optim import build_optimizer
-from finetune.recipe_configs import DataConfig
+from finetune.classify.collate import padding_collator
+from finetune.classify.data import load_classification_data, tokenize
+from finetune.core.config import build_config
+from finetune.core.data import longest_batch
+from finetune.core.errors import UserError
+from finetune.core.memory import materialise_optimizer_state, rehearse_step
+from finetune.core.optim import build_optimizer
+from finetune.core.schemas import DataConfig
+from finetune.training.accumulation import Window, WindowBackward, summed_classification_loss
 
 
 def loss_fn(model, batch):

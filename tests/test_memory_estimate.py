@@ -1,4 +1,4 @@
-"""finetune.memory_estimate: parameter counts of the meta model, the arithmetic of dtypes, optimizers and sharding,
+"""finetune.plan.memory_estimate: parameter counts of the meta model, the arithmetic of dtypes, optimizers and sharding,
 and the estimated peak against training steps measured on CPU.
 
 The measurement runs in a fresh process (this file run as a script): each case builds its model from its config with
@@ -26,9 +26,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
 
-from finetune.memory_estimate import MemoryEstimate, build_meta_model, estimate_memory
-from finetune.modeling import apply_lora, parameter_counts
-from finetune.recipe_configs import LoraConfig
+from finetune.core.modeling import apply_lora, parameter_counts
+from finetune.core.schemas import LoraConfig
+from finetune.plan.memory_estimate import MemoryEstimate, build_meta_model, estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = LoraConfig(enabled=True)
@@ -100,10 +100,10 @@ def measure(case: dict) -> int:
     """Peak RSS growth of building the model and 2 training steps, in bytes (run in a fresh process)."""
     from accelerate.utils import convert_outputs_to_fp32
 
-    from finetune.accumulation import summed_classification_loss
-    from finetune.lm_loss import enable_chunked_loss, next_token_loss
-    from finetune.optim import build_optimizer
-    from finetune.precision import WEIGHT_DTYPES
+    from finetune.core.optim import build_optimizer
+    from finetune.core.precision import WEIGHT_DTYPES
+    from finetune.lm.loss import enable_chunked_loss, next_token_loss
+    from finetune.training.accumulation import summed_classification_loss
 
     config, auto_class = model_config(case)
     gc.collect()
@@ -254,7 +254,7 @@ def test_levers_lower_the_estimate(tiny_config):
 
 
 def test_fallback_when_the_fake_forward_fails(tiny_config, monkeypatch):
-    import finetune.memory_estimate as memory_estimate
+    import finetune.plan.memory_estimate as memory_estimate
 
     def fail(*args, **kwargs):
         raise RuntimeError("data-dependent shape")

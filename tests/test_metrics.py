@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from finetune.errors import UserError
-from finetune.metrics import available_metrics, check_metric_names, load_metric
+from finetune.classify.metrics import available_metrics, check_metric_names, load_metric
+from finetune.core.errors import UserError
 
 rng = np.random.default_rng(0)
 REFERENCES = rng.integers(0, 4, size=203)

@@ -11,9 +11,9 @@ from accelerate import Accelerator
 from conftest import reset_accelerate_state
 from huggingface_hub import ModelCard
 
-from finetune.config import config_to_dict
-from finetune.model_card import CardFacts, describe_hardware, format_duration, is_hub_id, write_model_card
-from finetune.recipe_configs import ClassifyConfig, SFTConfig
+from finetune.core.config import config_to_dict
+from finetune.core.schemas import ClassifyConfig, SFTConfig
+from finetune.report.model_card import CardFacts, describe_hardware, format_duration, is_hub_id, write_model_card
 
 HARDWARE = "2 x NVIDIA H100 80GB HBM3 (CUDA 12.8), 2 processes, DDP, torch 2.13.0"
 COLLAPSE = "the model predicts 'fruit' for all 872 validation examples (the data has 2 classes): it has not learned"

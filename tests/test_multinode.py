@@ -16,7 +16,7 @@ import pytest
 from conftest import CLASSIFY, REPO, free_port, launch_command, read_jsonl
 from test_checkpoints import assert_same_weights, run_args, run_to_end
 
-from finetune.checkpoints import PROGRESS_FILE, list_checkpoints
+from finetune.training.checkpoints.layout import PROGRESS_FILE, list_checkpoints
 
 pytestmark = pytest.mark.multiprocess
 
@@ -117,8 +117,8 @@ CHECK_SCRIPT = """
 import json, sys
 from pathlib import Path
 from accelerate import Accelerator
-from finetune.errors import UserError
-from finetune.multinode import check_machines_agree
+from finetune.core.errors import UserError
+from finetune.core.multinode import check_machines_agree
 
 accelerator = Accelerator()
 rank, root = accelerator.process_index, Path(sys.argv[1])

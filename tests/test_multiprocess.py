@@ -9,11 +9,12 @@ import pytest
 from conftest import CLASSIFY, launch, read_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from finetune.classification import load_classification_data, padding_collator, tokenize
-from finetune.config import build_config
-from finetune.data import make_dataloader
-from finetune.evaluation import classification_metrics, predict
-from finetune.recipe_configs import DataConfig
+from finetune.classify.collate import padding_collator
+from finetune.classify.data import load_classification_data, tokenize
+from finetune.classify.evaluate import classification_metrics, predict
+from finetune.core.config import build_config
+from finetune.core.data import make_dataloader
+from finetune.core.schemas import DataConfig
 
 pytestmark = pytest.mark.multiprocess
 

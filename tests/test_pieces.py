@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.batching import BatchGeometry
-from finetune.classification import load_classifier
-from finetune.config import build_config
-from finetune.errors import UserError
-from finetune.launch import check_mixed_precision, reconcile_deepspeed
-from finetune.modeling import check_max_length, load_model_config, load_tokenizer, model_source
-from finetune.optim import build_optimizer, build_scheduler, total_optimizer_steps
-from finetune.recipe_configs import ModelConfig, TrainConfig
-from finetune.runs import check_output_dir, clear_previous_run, replace_dir, write_json
+from finetune.classify.model import load_classifier
+from finetune.core.config import build_config
+from finetune.core.errors import UserError
+from finetune.core.geometry import BatchGeometry
+from finetune.core.modeling import check_max_length, load_model_config, load_tokenizer, model_source
+from finetune.core.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from finetune.core.run_dir import check_output_dir, clear_previous_run, replace_dir, write_json
+from finetune.core.schemas import ModelConfig, TrainConfig
+from finetune.training.launch import check_mixed_precision, reconcile_deepspeed
 
 
 def train_config(**values) -> TrainConfig:
@@ -134,7 +134,7 @@ def test_run_length_and_warmup_in_optimizer_steps():
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_schedules_give_transformers_learning_rates(kind):
-    """finetune.optim's own schedules (no Trainer import at startup) equal transformers' get_scheduler."""
+    """finetune.core.optim's own schedules (no Trainer import at startup) equal transformers' get_scheduler."""
     from transformers import get_scheduler
 
     def lrs(scheduler, optimizer) -> list[float]:

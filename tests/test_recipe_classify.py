@@ -242,8 +242,8 @@ def test_dry_run_reports_data_steps_parameters_and_memory_without_writing(
 ):
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.modeling import apply_lora
-    from finetune.recipe_configs import LoraConfig
+    from finetune.core.modeling import apply_lora
+    from finetune.core.schemas import LoraConfig
 
     out = tmp_path / "out"
     recipe_main()([*toy_args(tiny_bert, toy_data, out), "--dry-run"])

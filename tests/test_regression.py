@@ -15,11 +15,12 @@ from scipy import stats
 from sklearn import metrics as skm
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
-from finetune.classification import load_classification_data, load_classifier
-from finetune.config import build_config
-from finetune.errors import UserError
-from finetune.evaluation import Predictions, classification_metrics
-from finetune.recipe_configs import DataConfig, ModelConfig
+from finetune.classify.data import load_classification_data
+from finetune.classify.evaluate import Predictions, classification_metrics
+from finetune.classify.model import load_classifier
+from finetune.core.config import build_config
+from finetune.core.errors import UserError
+from finetune.core.schemas import DataConfig, ModelConfig
 from finetune.scoring import main as score_main
 
 

@@ -98,8 +98,8 @@ def test_lora_checkpoint_of_a_run_is_scored_with_the_runs_labels(run_dir, tiny_b
     """A peft adapter saved without config.json (as peft saves one): its label names come from the run's data."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from finetune.classification import load_classifier
-    from finetune.recipe_configs import ModelConfig
+    from finetune.classify.model import load_classifier
+    from finetune.core.schemas import ModelConfig
 
     run = tmp_path / "lora_run"
     run.mkdir()

@@ -76,8 +76,9 @@ def test_adapter_is_scored_on_its_base_model(lm_run, chat_data, tmp_path, capsys
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.lm_data import load_sft_data, tokenize_sft
-    from finetune.recipe_configs import SFTDataConfig
+    from finetune.core.schemas import SFTDataConfig
+    from finetune.lm.data import load_sft_data
+    from finetune.lm.tokenize import tokenize_sft
 
     tokenizer = AutoTokenizer.from_pretrained(lm_run / "final")
     base = AutoModelForCausalLM.from_pretrained(lm_run / "final")

@@ -8,8 +8,8 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO
 
-from finetune.config import load_config
-from finetune.recipe_configs import ClassifyConfig, SFTConfig
+from finetune.core.config import load_config
+from finetune.core.schemas import ClassifyConfig, SFTConfig
 
 # recipes/configs/<recipe>/*.yaml -> the schema of recipes/<recipe>.py
 RECIPE_SCHEMAS = {"classify": ClassifyConfig, "sft": SFTConfig}

@@ -1,4 +1,4 @@
-"""finetune.token_cache: a second tokenization of the same data is a cache hit; any change is a miss."""
+"""finetune.core.token_cache: a second tokenization of the same data is a cache hit; any change is a miss."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from finetune import token_cache
-from finetune.classification import tokenize
+from finetune.classify.data import tokenize
+from finetune.core import token_cache
 
 
 @pytest.fixture
@@ -72,9 +72,9 @@ def test_the_cache_can_be_turned_off(tiny_bert, monkeypatch, builds):
 def test_sft_tokenization_and_its_report_come_back_from_the_cache(cache, builds):
     from test_lm_data import make_tokenizer
 
-    from finetune.config import build_config
-    from finetune.lm_data import tokenize_sft
-    from finetune.recipe_configs import SFTDataConfig
+    from finetune.core.config import build_config
+    from finetune.core.schemas import SFTDataConfig
+    from finetune.lm.tokenize import tokenize_sft
 
     chats = [
         {"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}

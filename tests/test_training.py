@@ -12,10 +12,11 @@ from accelerate.utils import GradientAccumulationPlugin
 from conftest import reset_accelerate_state
 from torch.utils.data import DataLoader
 
-from finetune.accumulation import count_label_terms, summed_classification_loss
-from finetune.checkpoints import Progress
-from finetune.errors import UserError
-from finetune.training import EarlyStopping, StopSignals, TrainStep, training_windows
+from finetune.core.errors import UserError
+from finetune.training.accumulation import count_label_terms, summed_classification_loss
+from finetune.training.loop import EarlyStopping
+from finetune.training.progress import Progress
+from finetune.training.step import StopSignals, TrainStep, training_windows
 
 
 def make_accelerator(k: int) -> Accelerator:
@@ -160,7 +161,7 @@ def test_early_stopping_state_survives_a_checkpoint_round_trip(tmp_path):
     import json
     from dataclasses import asdict
 
-    from finetune.checkpoints import read_progress
+    from finetune.training.checkpoints.layout import read_progress
 
     stopping = EarlyStopping(3, 0.0, "loss")
     _, progress = run_evaluations(stopping, [1.0, 0.5, 0.6, 0.7])  # 2 evaluations without improvement

@@ -1,0 +1,192 @@
+"""Load tokenizers, configs and models from a local dir, an installed package, or the Hub."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from finetune.core.errors import UserError, first_line
+from finetune.core.paths import local_path
+from finetune.core.run_dir import replace_dir
+
+# Tokenizers without a real limit report this sentinel (int(1e30)) as model_max_length.
+_NO_LIMIT = 10**9
+
+
+def model_source(name_or_path: str) -> str:
+    """What to pass to from_pretrained: a local dir (resolving `package:`) or a Hub id as given."""
+    path = local_path(name_or_path, "model.name_or_path")
+    return str(path) if path is not None else name_or_path
+
+
+def load_pretrained(loader, cfg, what: str, **kwargs):
+    source = model_source(cfg.name_or_path)
+    try:
+        return loader.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path!r}: could not load the {what}: {first_line(err)}. "
+            "Give a local model dir, `package:<pkg>/<dir>`, or a Hub id (the Hub needs network; "
+            "offline only cached models load)."
+        ) from None
+
+
+def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
+    """The tokenizer of `cfg` (a ModelConfig); models without a pad token pad with EOS."""
+    tokenizer = load_pretrained(AutoTokenizer, cfg, "tokenizer")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(cfg, **overrides) -> PretrainedConfig:
+    """The model's config alone (cheap: no weights), with `overrides` applied."""
+    return load_pretrained(AutoConfig, cfg, "model config", **overrides)
+
+
+def max_model_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The longest input the model takes, from its position embeddings or its tokenizer."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None)]
+    if tokenizer.model_max_length and tokenizer.model_max_length < _NO_LIMIT:
+        limits.append(tokenizer.model_max_length)
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else None
+
+
+def check_max_length(max_length: int, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """`data.max_length` above what the model takes is an error, before any weights load."""
+    limit = max_model_length(config, tokenizer)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"data.max_length={max_length} is above the model's limit of {limit} tokens; set it <= {limit}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Memory levers: gradient checkpointing and LoRA
+# --------------------------------------------------------------------------------------------
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_module_names(config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> list[str]:
+    """Names of the linear layers of a model built from `config`, on the meta device (no memory)."""
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_lora_targets(lora, config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> None:
+    """Every `lora.target_modules` entry must match a linear layer (peft matches names or name suffixes)."""
+    if not lora.enabled or lora.target_modules == [ALL_LINEAR]:
+        return
+    names = linear_module_names(config, auto_class)
+    unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(
+            f"lora.target_modules: {unmatched} match no linear layer of this model. "
+            f"Its linear layers end in: {', '.join(suffixes[:12])}; or use [{ALL_LINEAR}]."
+        )
+
+
+def apply_lora(model: PreTrainedModel, lora, task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters. peft's task type says what else trains: SEQ_CLS keeps the fresh
+    classification head fully trainable; CAUSAL_LM trains the adapters alone (the LM head stays frozen)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
+    peft_config = LoraConfig(
+        task_type=TaskType[task_type],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter holds only its shard
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
+
+
+def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int, merge_lora: bool) -> None:
+    """Weights (safetensors), config with label names and tokenizer into `target`; every process calls it.
+
+    A LoRA model is written merged (a plain transformers model, loadable by `pipeline`) with its adapter
+    in `target/adapter/`, or, with `merge_lora=False` (mid-training: merging would change the model being
+    trained), as the adapter alone.
+    """
+    if is_compiled_module(model):  # train.compile: its state dict would prefix every name with _orig_mod.
+        model = model._orig_mod
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/ZeRO-3: every process calls it
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "merge_and_unload"):  # a peft model
+        unwrapped.save_pretrained(target / "adapter" if merge_lora else target, state_dict=state_dict)
+        if merge_lora:
+            unwrapped.merge_and_unload().save_pretrained(target)
+        else:  # the labels and head shape, for finetune-eval
+            unwrapped.get_base_model().config.save_pretrained(target)
+    else:
+        unwrapped.save_pretrained(target, state_dict=state_dict)
+    tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
+    tokenizer.save_pretrained(target)
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int, card=None) -> None:
+    """`write_model` (merged) into `target` with its model card (a `finetune.report.model_card.CardFacts`) as
+    README.md, atomically: a crash leaves only a `.tmp-*` dir beside it."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_model(accelerator, model, tokenizer, tmp, max_length, merge_lora=True)
+    if accelerator.is_main_process:
+        if card is not None:
+            from finetune.report.model_card import write_model_card
+
+            write_model_card(tmp, card)
+        replace_dir(tmp, target)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
+# Causal language models
+# --------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(cfg, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An AutoModelForCausalLM from `cfg` (an SFTModelConfig), its weights in `dtype` whatever the checkpoint
+    stores; `cfg.random_init` builds it from its config.json with fresh weights (seeded by the caller)."""
+    from transformers import AutoModelForCausalLM
+
+    extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if cfg.random_init:
+        config = load_model_config(cfg, **extra)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = load_pretrained(AutoModelForCausalLM, cfg, "model", dtype=dtype, **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

