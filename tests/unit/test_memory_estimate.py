@@ -30,7 +30,7 @@ from finetune.core.modeling import apply_lora, parameter_counts
 from finetune.core.schemas import LoraConfig
 from finetune.plan.memory_estimate import MemoryEstimate, build_meta_model, estimate_memory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LORA = LoraConfig(enabled=True)
 # ~20M parameters (two 32k x 256 embeddings), and ~11M: small enough for 2 steps in ~1 s on one core.
 LLAMA = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
