@@ -6,250 +6,112 @@
 
 Loss is on completion / assistant tokens only (data.train_on_prompt=true: on everything), each accumulation
 window normalised by its target tokens over all processes. How it runs (CPU, GPUs, DeepSpeed, FSDP, several
-machines) is the launcher's business: see accelerate_configs/.
+machines) is the launcher's business: see accelerate_configs/. The loop's policy and guarantees are in
+`finetune.training`; this file says what is particular to SFT: its data, model, loss and evaluation.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import transformers
 from accelerate.utils import set_seed
 
-from finetune.core.compile import batch_collators
-from finetune.core.config import DRY_RUN
-from finetune.core.data import CollatedOnce, longest_batch, make_dataloader
+from finetune.core import modeling
 from finetune.core.errors import exit_on_user_error
-from finetune.core.fsdp import prepare_fsdp
-from finetune.core.geometry import find_micro_batch_size
-from finetune.core.memory import rehearse_step
-from finetune.core.modeling import (
-    apply_lora,
-    check_lora_targets,
-    check_max_length,
-    load_causal_lm,
-    load_model_config,
-    load_tokenizer,
-    parameter_counts,
-    write_model,
-)
-from finetune.core.optim import build_optimizer, build_scheduler, total_optimizer_steps
-from finetune.core.precision import WEIGHT_DTYPES, LostUpdateCheck, check_precision, check_trainable_dtypes
+from finetune.core.precision import WEIGHT_DTYPES
 from finetune.core.schemas import SFTConfig
-from finetune.core.startup import startup
+from finetune.lm import evaluate, probes
 from finetune.lm.collate import SFTCollator
 from finetune.lm.data import check_chat_template, load_sft_data
-from finetune.lm.evaluate import evaluate_lm, generate_greedy, score_generations, write_generations
 from finetune.lm.loss import enable_chunked_loss, next_token_loss
 from finetune.lm.packing import pack_examples
-from finetune.lm.packing_support import check_packing_supported
 from finetune.lm.tokenize import describe_data, generation_prompts, tokenize_sft
 from finetune.plan.dry_run import report_dry_run
-from finetune.report.reporting import RunSummary, finish_run
+from finetune.report import reporting
+from finetune.training import batches, loop
 from finetune.training.accumulation import count_next_token_terms
-from finetune.training.checkpoints.resume import resume
-from finetune.training.checkpoints.writer import CheckpointWriter
-from finetune.training.launch import make_accelerator
-from finetune.training.loop import EarlyStopping, checkpoint_due, every, stop_for_signal
-from finetune.training.progress import Progress
-from finetune.training.run import open_run, start_run
-from finetune.training.step import StopSignals, TrainStep, training_windows
-from finetune.training.tracking import memory_mb, resolve_trackers
+from finetune.training.run import Run, launch, open_run, start_run
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft" / "default.yaml"
 
 
 def setup(argv: list[str]):
-    """Parse and check everything cheap — config, output dir, checkpoint to resume, data, chat template,
-    model limits, packing support — before any weights load."""
-    cfg, output_dir, resume_dir = open_run(SFTConfig, argv, DEFAULT_CONFIG, "recipes/sft.py")
+    """Parse and check everything cheap — config, output dir, checkpoint to resume, data, chat template, model
+    limits — before any weights load."""
+    run = open_run(SFTConfig, argv, DEFAULT_CONFIG, "recipes/sft.py")
+    cfg = run.cfg
     data = load_sft_data(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = modeling.load_tokenizer(cfg.model)
     check_chat_template(cfg.data, tokenizer, data.format)
-    model_config = load_model_config(cfg.model)
-    check_max_length(cfg.data.max_length, model_config, tokenizer)
-    check_lora_targets(cfg.lora, model_config, transformers.AutoModelForCausalLM)
-    accelerator, geometry = make_accelerator(cfg.train, resolve_trackers(cfg.logging.trackers), output_dir)
-    check_precision(cfg.train.weights_dtype, accelerator)
-    return cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry
+    model_config = modeling.load_model_config(cfg.model)
+    modeling.check_max_length(cfg.data.max_length, model_config, tokenizer)
+    modeling.check_lora_targets(cfg.lora, model_config, transformers.AutoModelForCausalLM)
+    return launch(run), data, tokenizer
 
 
 @exit_on_user_error
 def main(argv: list[str]) -> None:
-    cfg, output_dir, resume_dir, data, tokenizer, accelerator, geometry = setup(argv)
-    if DRY_RUN in argv:
-        return dry_run(cfg, data, tokenizer, accelerator, geometry)
-    log = start_run(accelerator, cfg, output_dir, resume_dir, "recipes/sft.py")
+    run, data, tokenizer = setup(argv)
+    if run.dry_run:
+        return dry_run(run, data, tokenizer)
+    cfg, accelerator = run.cfg, run.accelerator
+    start_run(run)
     set_seed(cfg.train.seed)  # before the model: model.random_init draws its weights from it
 
     # ---- model
-    model = load_causal_lm(cfg.model, tokenizer, WEIGHT_DTYPES[cfg.train.weights_dtype])
+    model = modeling.load_causal_lm(cfg.model, tokenizer, WEIGHT_DTYPES[cfg.train.weights_dtype])
     # Flash kernels keep packed examples apart only in a batch of one row: the collator then flattens a batch.
     flatten = cfg.data.packing and model.config._attn_implementation.startswith("flash_attention")
     if cfg.data.packing:
-        check_packing_supported(model, rows_per_batch=1 if flatten else None)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
-    if cfg.train.chunked_loss:
-        enable_chunked_loss(model)
-    check_trainable_dtypes(model, cfg.train.weights_dtype)
-    trainable, total = parameter_counts(model)
-    log.info(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
-    prepare_fsdp(accelerator, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    startup.mark("model")
+        probes.check_packing_supported(model, rows_per_batch=1 if flatten else None)
+    adapt = enable_chunked_loss if cfg.train.chunked_loss else None
+    model, optimizer = batches.prepare_model(run, model, lora_task_type="CAUSAL_LM", adapt=adapt)
 
     # ---- data: tokens, targets masked, packed into rows of data.max_length if asked
     with accelerator.main_process_first():
         train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
-    log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
-    collate = SFTCollator.for_tokenizer(tokenizer, flatten=flatten)
-    if geometry is None:  # micro_batch_size: auto
-        eval_batch = longest_batch(val_set, collate, cfg.eval.batch_size, accelerator.device)
-        geometry = find_micro_batch_size(
-            accelerator,
-            cfg.train.global_batch_size,
-            lambda size, steps: rehearse_step(
-                accelerator.unwrap_model(model),
-                optimizer,
-                next_token_loss,
-                longest_batch(train_set, collate, size, accelerator.device),
-                steps,
-                eval_batch,
-            ),
-        )
-        accelerator.gradient_accumulation_steps = geometry.accumulation_steps
-    train_collate, val_collate = batch_collators(  # train.compile: a few static shapes, see finetune/compile.py
-        lambda buckets: SFTCollator.for_tokenizer(tokenizer, flatten=flatten, buckets=buckets),
-        cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, cfg.eval.batch_size,
-    )  # fmt: skip
-    train_loader = make_dataloader(
+    run.log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
+    loaders = batches.make_loaders(
+        run,
+        model,
+        optimizer,
         train_set,
-        geometry.micro_batch_size,
-        train_collate,
-        shuffle=True,
-        num_workers=cfg.train.num_workers,
+        val_set,
+        make_collator=lambda buckets: SFTCollator.for_tokenizer(tokenizer, flatten=flatten, buckets=buckets),
+        loss=next_token_loss,
         group_by_length=cfg.data.group_by_length and not cfg.data.packing,
-        seed=cfg.train.seed,
-        global_batch_size=geometry.global_batch_size,
+        shard_validation=False,  # every token counted once, the set collated once for every evaluation
     )
-    train_loader = accelerator.prepare(train_loader)
-    # not prepared (each token counted once), collated once for every evaluation
-    val_loader = CollatedOnce(make_dataloader(val_set, cfg.eval.batch_size, val_collate, longest_first=True))
     prompts = generation_prompts(data.validation, tokenizer, cfg.eval.num_generations)
 
-    total_steps = total_optimizer_steps(
-        len(train_loader), geometry.accumulation_steps, cfg.train.epochs, cfg.train.max_steps
+    # ---- train, evaluate: the loop's policy is finetune.training.loop.fit
+    evaluate_now = evaluate.evaluator(run, model, tokenizer, loaders.validation, prompts, next_token_loss)
+    rows = f"packed rows of {cfg.data.max_length}" if cfg.data.packing else "examples"
+    outcome = loop.fit(
+        run,
+        model,
+        optimizer,
+        tokenizer,
+        loaders.train,
+        loss=next_token_loss,
+        count_loss_terms=count_next_token_terms,
+        evaluate=evaluate_now,
+        data_summary=f"{len(train_set)} train / {len(val_set)} validation {rows}",
     )
-    scheduler = accelerator.prepare(
-        build_scheduler(optimizer, cfg.train.lr_scheduler, total_steps, cfg.train.warmup_steps)
+
+    # ---- final/: the last model, or with early stopping the best evaluated one
+    reporting.finish_run(
+        run,
+        model,
+        tokenizer,
+        outcome,
+        scores=["loss", "perplexity", "exact_match"],
+        train_examples=len(train_set),
+        validation_examples=len(val_set),
+        data_stats={"train_data": train_report.describe(), "validation_data": val_report.describe()},
     )
-    rows = "packed rows of " + str(cfg.data.max_length) if cfg.data.packing else "examples"
-    log.info(
-        f"{len(train_set)} train / {len(val_set)} validation {rows}; {geometry.describe()}; "
-        f"{total_steps} optimizer steps; mixed precision {accelerator.mixed_precision}"
-    )
-
-    # ---- resume: weights, optimizer, scheduler, RNG; where in the data to continue
-    progress = Progress(
-        num_processes=accelerator.num_processes,
-        micro_batch_size=geometry.micro_batch_size,
-        accumulation_steps=geometry.accumulation_steps,
-        batches_per_epoch=len(train_loader),
-    )
-    if resume_dir is not None:
-        progress = resume(accelerator, scheduler, resume_dir, progress, allow_changes=cfg.train.resume_allow_changes)
-        log.info(f"resumed from {resume_dir}: step {progress.step}, {progress.epochs} epochs")
-
-    def evaluate() -> dict:
-        metrics = evaluate_lm(accelerator, model, val_loader, next_token_loss, cfg.train.on_nonfinite_loss)
-        completions = generate_greedy(
-            accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        )
-        metrics.update(score_generations(prompts, completions))
-        if accelerator.is_main_process and prompts:
-            write_generations(
-                output_dir / "generations" / f"step_{progress.step:06d}.jsonl", progress.step, prompts, completions
-            )
-        log.log(progress.step, {f"eval_{name}": value for name, value in metrics.items()})
-        return metrics
-
-    checkpoints = CheckpointWriter(accelerator, cfg.checkpoint.background_write)
-
-    def save(metrics: dict | None, reason: str) -> Path:
-        return checkpoints.save(
-            scheduler,
-            output_dir,
-            replace(progress, metrics=metrics, reason=reason),
-            cfg,
-            lambda target: write_model(accelerator, model, tokenizer, target, cfg.data.max_length, merge_lora=False),
-            cfg.checkpoint.keep_last,
-            cfg.metric_for_best(),
-            wait=reason == "preempted",  # the run exits next
-        )
-
-    # ---- train: one optimizer step per accumulation window (finetune.training holds the guarantees)
-    startup.mark("data")  # tokenization, batches, schedule, resume
-    memory_before = memory_mb(accelerator.device)["now"]
-    lost_updates = LostUpdateCheck(model, cfg.train.lr) if cfg.train.weights_dtype == "bf16" else None
-    early_stopping = EarlyStopping(
-        cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metric_for_best()
-    )
-    warnings: list[str] = []
-    log.start_progress(total_steps, done=progress.step)
-    model.train()
-    with StopSignals() as signals:
-        train_step = TrainStep(
-            accelerator, model, optimizer, scheduler, next_token_loss, signals,
-            cfg.train.max_grad_norm, cfg.train.on_nonfinite_loss, lost_updates, log.info,
-        )  # fmt: skip
-        for window in training_windows(
-            accelerator, train_loader, progress, total_steps, count_next_token_terms, cfg.train.seed
-        ):
-            report = train_step(window, progress)
-            warnings += report.warnings
-            log.advance()
-            if every(cfg.logging.every_n_steps, progress.step) or progress.step == total_steps:
-                log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record()})
-            if progress.step == total_steps:
-                break  # the final evaluation and final/ end the run
-            checkpoint_now = checkpoint_due(cfg.checkpoint, progress)
-            with train_step.paused("evaluation"):  # not training time: eval_results.json reports it apart
-                metrics = evaluate() if checkpoint_now or every(cfg.eval.every_n_steps, progress.step) else None
-            verdict = early_stopping.update(progress, metrics)
-            if checkpoint_now or report.stop or verdict.new_best:
-                with train_step.paused("checkpoints"):
-                    saved_to = save(metrics, "preempted" if report.stop else "periodic")
-            if report.stop:
-                log.close()
-                stop_for_signal(accelerator, signals, progress, saved_to, argv, log.info)
-            if verdict.stop:
-                log.info(verdict.reason)
-                break
-
-    # ---- evaluate; with early stopping, final/ gets the best evaluated model
-    run_stats = {
-        **train_step.throughput.summary(),
-        "memory_mb": {**memory_mb(accelerator.device), "before_training": memory_before},
-    }
-    if not early_stopping.stopped:
-        early_stopping.update(progress, metrics := evaluate())
-    checkpoints.wait()  # the last checkpoint is on disk before any is read back or the run is reported
-    metrics, final_step = early_stopping.restore_best(accelerator, scheduler, output_dir, progress, metrics)
-    log.close()
-    data_stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
-    summary = RunSummary(
-        "sft", metrics, ["loss", "perplexity", "exact_match"], len(train_set), len(val_set),
-        geometry.global_batch_size, progress.step, progress.epochs,
-        extra={"step": final_step, "epoch": progress.epochs, **run_stats, **data_stats}, warnings=warnings,
-        early_stopping=early_stopping.record(progress),
-    )  # fmt: skip
-    finish_run(accelerator, model, tokenizer, cfg, output_dir, summary, cfg.data.max_length)
 
 
 def tokenized(cfg: SFTConfig, data, tokenizer):
@@ -262,16 +124,13 @@ def tokenized(cfg: SFTConfig, data, tokenizer):
     return train_set, train_report, val_set, val_report
 
 
-def dry_run(cfg: SFTConfig, data, tokenizer, accelerator, geometry) -> None:
+def dry_run(run: Run, data, tokenizer) -> None:
     """--dry-run: what the run would train on, for how many steps, and in how much memory; no weights read."""
-    if accelerator.is_main_process:
-        train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
-        lines, longest = describe_data(train_set, train_report, val_set, val_report, cfg.data.packing)
-        model_config = load_model_config(cfg.model)
-        report_dry_run(
-            accelerator, cfg, geometry, lines, len(train_set), longest, model_config,
-            transformers.AutoModelForCausalLM, chunked_loss=cfg.train.chunked_loss,
-        )  # fmt: skip
+    if run.accelerator.is_main_process:
+        train_set, train_report, val_set, val_report = tokenized(run.cfg, data, tokenizer)
+        lines, longest = describe_data(train_set, train_report, val_set, val_report, run.cfg.data.packing)
+        model_config = modeling.load_model_config(run.cfg.model)
+        report_dry_run(run, lines, len(train_set), longest, model_config, transformers.AutoModelForCausalLM)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from finetune.core.errors import UserError
+from finetune.training.run import Run
 
 
 @dataclass
@@ -111,3 +113,15 @@ def evaluate_classifier(
     if warning:
         metrics["warning"] = warning
     return metrics
+
+
+def evaluator(run: Run, model, val_loader) -> Callable[[int], dict]:
+    """The classify recipe's evaluation at a step: the configured metrics and the loss on the validation set."""
+    cfg = run.cfg
+
+    def evaluate(step: int) -> dict:
+        return evaluate_classifier(
+            run.accelerator, model, val_loader, cfg.resolved_metrics(), cfg.train.on_nonfinite_loss
+        )
+
+    return evaluate

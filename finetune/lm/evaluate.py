@@ -18,6 +18,7 @@ from accelerate import Accelerator
 
 from finetune.core.errors import UserError
 from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms
+from finetune.training.run import Run
 
 
 @torch.no_grad()
@@ -147,3 +148,21 @@ def write_generations(path: Path, step: int, prompts: list[dict], completions: l
                 "generated": completion,
             }
             f.write(json.dumps(record) + "\n")
+
+
+def evaluator(run: Run, model, tokenizer, val_loader, prompts: list[dict], loss_fn) -> Callable[[int], dict]:
+    """The SFT recipe's evaluation at a step: loss and perplexity on the validation set, then greedy answers to
+    `prompts` scored by exact match and written to the run's generations/ (main process)."""
+    accelerator, cfg = run.accelerator, run.cfg
+
+    def evaluate(step: int) -> dict:
+        metrics = evaluate_lm(accelerator, model, val_loader, loss_fn, cfg.train.on_nonfinite_loss)
+        completions = generate_greedy(
+            accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        metrics.update(score_generations(prompts, completions))
+        if accelerator.is_main_process and prompts:
+            write_generations(run.dir.generations_at(step), step, prompts, completions)
+        return metrics
+
+    return evaluate

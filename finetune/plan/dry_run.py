@@ -16,8 +16,8 @@ from unittest import mock
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from finetune.core.geometry import BatchGeometry
 from finetune.core.optim import total_optimizer_steps
+from finetune.training.run import Run
 
 LAUNCH_KINDS = {"NO": "single process", "MULTI_CPU": "DDP on CPU", "MULTI_GPU": "DDP", "DEEPSPEED": "DeepSpeed"}
 
@@ -38,23 +38,15 @@ def candidate_micro_batches(train, processes: int) -> list[int]:
     return sizes if sizes[-1] == largest else [*sizes, largest]
 
 
-def report_dry_run(
-    accelerator: Accelerator,
-    cfg,
-    geometry: BatchGeometry | None,
-    data_lines: list[str],
-    train_rows: int,
-    seq_len: int,
-    model_config,
-    auto_class,
-    chunked_loss: bool = False,
-) -> None:
+def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: int, model_config, auto_class) -> None:
     """Print the dry run (main process): launch, data, batches and steps, parameters, memory per process.
 
     `train_rows`: training examples (or packed rows); `seq_len`: tokens in the longest training row, the
-    shape memory peaks at."""
+    shape memory peaks at; `model_config` and `auto_class` build the meta model the estimate counts."""
     from finetune.plan.memory_estimate import estimate_memory  # torch-heavy; only a dry run needs it
 
+    accelerator, cfg, geometry = run.accelerator, run.cfg, run.geometry
+    chunked_loss = getattr(cfg.train, "chunked_loss", False)  # SFT's lever
     if not accelerator.is_main_process:
         return
     processes = accelerator.num_processes

@@ -22,8 +22,8 @@ from matplotlib.lines import Line2D
 
 from finetune.core.errors import UserError, exit_on_user_error
 from finetune.core.metric_names import LOWER_IS_BETTER
+from finetune.core.run_dir import RunDir
 
-METRICS_FILE = "metrics.jsonl"
 TRAIN_SERIES = ("loss", "lr")  # the training panels, in this order
 TITLES = {"loss": "training loss", "lr": "learning rate"}
 NOT_METRICS = {"eval_num_examples"}  # numeric bookkeeping, not a curve worth a panel
@@ -75,9 +75,9 @@ def read_records(path: Path) -> list[dict]:
 
 def resolve_metric_for_best(run_dir: Path) -> str | None:
     """eval_results.json's metric_for_best, else the config's eval.metric_for_best, else None (not recorded)."""
-    name = _load(run_dir / "eval_results.json", json.loads).get("metric_for_best")
+    name = _load(RunDir(run_dir).eval_results, json.loads).get("metric_for_best")
     if not isinstance(name, str) or not name:
-        name = (_load(run_dir / "config.yaml", yaml.safe_load).get("eval") or {}).get("metric_for_best")
+        name = (_load(RunDir(run_dir).config, yaml.safe_load).get("eval") or {}).get("metric_for_best")
     return name.removeprefix("eval_") if isinstance(name, str) and name else None
 
 
@@ -87,7 +87,7 @@ def lower_is_better(metric: str) -> bool:
 
 def checkpoint_best_step(run_dir: Path) -> int | None:
     """The step of the checkpoint that `checkpoints/best` points to, or None without one."""
-    link = run_dir / "checkpoints" / "best"
+    link = RunDir(run_dir).best
     if not link.is_dir():
         return None
     step = _load(link / "progress.json", json.loads).get("step")
@@ -101,7 +101,7 @@ def read_curves(run_dir: Path, metric_for_best: str | None = None) -> Curves:
     """The series and the best step that `plot_run` draws for `run_dir`."""
     metric = metric_for_best.removeprefix("eval_") if metric_for_best else resolve_metric_for_best(run_dir)
     curves = Curves(metric_for_best=metric)  # None stays only when checkpoints/best names the best step
-    for record in read_records(run_dir / METRICS_FILE):
+    for record in read_records(run_dir / RunDir.METRICS):
         is_eval = any(key.startswith("eval_") for key in record)
         for key, value in record.items():
             wanted = key.startswith("eval_") and key not in NOT_METRICS if is_eval else key in TRAIN_SERIES
@@ -190,7 +190,7 @@ def plot_run(run_dir: Path, metric_for_best: str | None = None, out: Path | None
     if curves.best_step is not None and curves.metric_for_best:  # None: the run did not record which metric
         order = "lower" if lower_is_better(curves.metric_for_best) else "higher"
         title += f" by eval_{curves.metric_for_best} ({order} is better)"
-    return _render([(name, curves)], title, Path(out) if out else run_dir / "curves.png")
+    return _render([(name, curves)], title, Path(out) if out else RunDir(run_dir).curves)
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -212,7 +212,7 @@ def _show(value) -> str:
 def legend_labels(run_dirs: list[Path]) -> list[str]:
     """One label per run: the config keys whose values differ between the runs (output.* aside), as
     'train.lr=3e-05, lora.enabled=true'; the dir name for a run without config.yaml or when no key differs."""
-    configs = [_flatten(_load(Path(d) / "config.yaml", yaml.safe_load)) for d in run_dirs]
+    configs = [_flatten(_load(RunDir(d).config, yaml.safe_load)) for d in run_dirs]
     with_config = [c for c in configs if c]
     keys = list(dict.fromkeys(key for c in with_config for key in c if key.split(".")[0] != "output"))
     # JSON text compares lists and dicts too; [present, value] so a key one run lacks differs from any value.
@@ -235,7 +235,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     runs = [(label, curves) for label, curves in runs if curves.series]  # a run that has logged nothing yet
     if not runs:
         raise UserError(
-            f"nothing to plot: no numeric records in {', '.join(str(Path(d) / METRICS_FILE) for d in run_dirs)}."
+            f"nothing to plot: no numeric records in {', '.join(str(Path(d) / RunDir.METRICS) for d in run_dirs)}."
         )
     return _render(runs, f"{len(runs)} runs", Path(out))
 
@@ -256,14 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in args.run_dirs:
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} is not a directory: pass a run's output dir (output.dir in its config.yaml).")
-        if not (run_dir / METRICS_FILE).is_file():
-            raise UserError(f"{run_dir} has no {METRICS_FILE}: pass a run's output dir (written from its first step).")
+        if not (run_dir / RunDir.METRICS).is_file():
+            raise UserError(f"{run_dir} has no {RunDir.METRICS}: pass a run's output dir (written from its first step).")
     if args.out is not None and not args.out.parent.is_dir():
         raise UserError(f"{args.out.parent} is not a directory: create it, or pass -o a path in an existing dir.")
     if len(args.run_dirs) == 1:
         path = plot_run(args.run_dirs[0], out=args.out)
         if path is None:
-            raise UserError(f"nothing to plot: {args.run_dirs[0] / METRICS_FILE} has no numbers yet; rerun later.")
+            raise UserError(f"nothing to plot: {args.run_dirs[0] / RunDir.METRICS} has no numbers yet; rerun later.")
     else:
         path = plot_runs(args.run_dirs, args.out or Path("curves-compare.png"))
     print(path)

@@ -16,7 +16,9 @@ from finetune.core.config import config_to_dict
 from finetune.core.modeling import save_final
 from finetune.core.run_dir import write_json
 from finetune.core.startup import process_start_time, startup
-from finetune.report.model_card import CardFacts, describe_hardware
+from finetune.report.model_card import CardFacts, describe_hardware, write_model_card
+from finetune.training.loop import Outcome
+from finetune.training.run import Run
 
 
 def wall_time_s() -> float:
@@ -76,6 +78,37 @@ def reproduce_command(recipe: str, output_dir: Path, accelerator: Accelerator) -
 
 
 def finish_run(
+    run: Run,
+    model,
+    tokenizer,
+    outcome: Outcome,
+    scores: list[str],
+    train_examples: int,
+    validation_examples: int,
+    label_names: list[str] | None = None,
+    data_stats: dict | None = None,
+) -> None:
+    """The end of every recipe's run: final/, eval_results.json, curves.png and the closing lines, from what `fit`
+    left (`outcome`) and the recipe's counts; `scores` are the metrics the done line prints."""
+    progress = outcome.progress
+    summary = RunSummary(
+        recipe=run.recipe,
+        metrics=outcome.metrics,
+        scores=scores,
+        train_examples=train_examples,
+        validation_examples=validation_examples,
+        effective_batch=run.geometry.global_batch_size,
+        optimizer_steps=progress.step,
+        epochs=progress.epochs,
+        extra={"step": outcome.step, "epoch": progress.epochs, **outcome.stats, **(data_stats or {})},
+        warnings=outcome.warnings,
+        label_names=label_names,
+        early_stopping=outcome.early_stopping,
+    )
+    write_outputs(run.accelerator, model, tokenizer, run.cfg, run.dir.root, summary, run.cfg.data.max_length)
+
+
+def write_outputs(
     accelerator: Accelerator, model, tokenizer, cfg, output_dir: Path, summary: RunSummary, max_length: int
 ) -> None:
     """Save final/ with its model card (every process: a collective under ZeRO-3/FSDP), then on the main
@@ -115,7 +148,8 @@ def finish_run(
         label_names=summary.label_names,
         stopped_early=summary.early_stopping if (summary.early_stopping or {}).get("stopped_early") else None,
     )
-    save_final(accelerator, model, tokenizer, output_dir / "final", max_length, card=card)
+    # The card goes into final/ before it is renamed into place: a final/ without its card is never seen.
+    save_final(accelerator, model, tokenizer, output_dir / "final", max_length, lambda tmp: write_model_card(tmp, card))
     if accelerator.is_main_process:
         write_json(output_dir / "eval_results.json", results)
         write_curves(output_dir, cfg.metric_for_best())

@@ -27,8 +27,8 @@ from finetune.core.compile import dynamo_plugin
 from finetune.core.errors import UserError
 from finetune.core.fsdp import enable_fsdp_on_cpu, launched_with_fsdp2
 from finetune.core.geometry import BatchGeometry, plan_batches
+from finetune.core.run_dir import RunDir
 from finetune.training.checkpoints.weights import keep_weights_once
-from finetune.training.tracking import LOGS_DIR
 
 LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
@@ -52,9 +52,9 @@ def check_mixed_precision(recipe_value: str | None) -> str | None:
 def make_accelerator(
     train, trackers: list[str] | None = None, output_dir: Path | None = None
 ) -> tuple[Accelerator, BatchGeometry | None]:
-    """An Accelerator for `train` (a TrainConfig) logging to `trackers` (see `finetune.training.tracking.resolve_trackers`;
-    local ones write under `output_dir`/logs), and the batch geometry (None for `auto` micro-batches,
-    decided later by `finetune.core.geometry.find_micro_batch_size`; then set `gradient_accumulation_steps`).
+    """An Accelerator for `train` (a TrainConfig) logging to `trackers` (see `finetune.training.tracking`; local
+    ones write under `output_dir`/logs), and the batch geometry (None for `auto` micro-batches, decided later by
+    `finetune.training.batches.batch_geometry`), applied by `settle_geometry`.
 
     - `sync_with_dataloader=False`: `finetune.training.accumulation.accumulation_windows` decides where windows end.
     - `step_scheduler_with_optimizer=False`: recipes step the LR scheduler once per optimizer step
@@ -82,7 +82,7 @@ def make_accelerator(
             dynamo_plugin=dynamo_plugin(train),
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir) if output_dir else None,
-                logging_dir=str(output_dir / LOGS_DIR) if output_dir else None,
+                logging_dir=str(RunDir(output_dir).logs) if output_dir else None,
             ),
         )
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
@@ -102,8 +102,7 @@ def make_accelerator(
             "set train.micro_batch_size to a number."
         )
     if geometry is not None:
-        accelerator.gradient_accumulation_steps = geometry.accumulation_steps
-        reconcile_deepspeed(accelerator, geometry, train.max_grad_norm)
+        settle_geometry(accelerator, geometry, train.max_grad_norm)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(train.cpu_threads or cpu_threads_per_process())
     return accelerator, geometry
@@ -118,6 +117,14 @@ def cpu_threads_per_process() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cores // local_processes)
+
+
+def settle_geometry(accelerator: Accelerator, geometry: BatchGeometry, max_grad_norm: float | None) -> BatchGeometry:
+    """Apply a decided batch geometry: the one place the Accelerator's accumulation steps and DeepSpeed's batch
+    sizes are set (from the config at launch, or after `micro_batch_size: auto` found the micro-batch)."""
+    accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    reconcile_deepspeed(accelerator, geometry, max_grad_norm)
+    return geometry
 
 
 def reconcile_deepspeed(accelerator: Accelerator, geometry: BatchGeometry, max_grad_norm: float | None) -> None:

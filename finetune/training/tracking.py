@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from finetune.core.errors import UserError
+from finetune.core.run_dir import RunDir
 from finetune.core.startup import startup
 
 # logging.trackers names (Accelerate's) -> what to install for each.
@@ -29,7 +30,6 @@ TRACKER_PACKAGES = {
     "dvclive": "dvclive",
     "swanlab": "swanlab",
 }
-LOGS_DIR = "logs"  # under output.dir: TensorBoard event files (and other local trackers' files)
 
 
 def resolve_trackers(trackers: list[str] | None) -> list[str]:
@@ -88,7 +88,7 @@ class RunLog:
     ):
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.path = output_dir / "metrics.jsonl"
+        self.path = RunDir(output_dir).metrics
         self.use_bar = self.enabled and (progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()))
         self.bar = None
         if accelerator.log_with:

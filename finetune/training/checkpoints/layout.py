@@ -32,29 +32,24 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from finetune.core.metric_names import LOWER_IS_BETTER
+from finetune.core.run_dir import RunDir
 from finetune.training.progress import Progress
 
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = RunDir.CHECKPOINTS
 STATE_DIR = "state"
 MODEL_DIR = "model"
 PROGRESS_FILE = "progress.json"
 # Accelerate's save_state skips an LR scheduler prepared on its own under DeepSpeed (it wraps it for the
 # engine but never hands it over, so neither saves it): its state then goes here, as JSON.
 SCHEDULER_FILE = "scheduler.json"
-BEST_LINK = "best"
+BEST_LINK = RunDir.BEST
 BASE_MODEL_FILE = "base_model.json"  # in state/: the hash of a LoRA run's frozen base weights
-_NAME = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +70,8 @@ def checkpoint_problem(path: Path) -> str | None:
     missing = [name for name in missing if not (path / name).is_file()]
     if not (path / MODEL_DIR / "config.json").is_file():
         missing.append(f"{MODEL_DIR}/config.json")
-    if not (path / "config.yaml").is_file():
-        missing.append("config.yaml")
+    if not (path / RunDir.CONFIG).is_file():
+        missing.append(RunDir.CONFIG)
     return f"missing {', '.join(missing)}" if missing else None
 
 
@@ -93,12 +88,12 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
+        step = RunDir.checkpoint_step(path)
+        if step is None or not path.is_dir() or path.is_symlink():
             continue
         problem = checkpoint_problem(path)
         if problem is None:
-            found.append((int(match.group(1)), path))
+            found.append((step, path))
         elif warn:
             warnings.warn(f"ignoring checkpoint {path}: {problem}", stacklevel=2)
     return [path for _, path in sorted(found)]

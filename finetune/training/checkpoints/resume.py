@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from finetune.core.config import flatten, read_yaml
 from finetune.core.errors import UserError, first_line
+from finetune.core.run_dir import RunDir
 from finetune.training.checkpoints.layout import (
     CHECKPOINTS_DIR,
     PROGRESS_FILE,
@@ -67,7 +68,7 @@ def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
 
 def config_changes(checkpoint: Path, current: dict) -> list[str]:
     """Run-defining keys whose value differs between the checkpoint's config and `current` (a config dict)."""
-    saved = dict(flatten(read_yaml(checkpoint / "config.yaml")))
+    saved = dict(flatten(read_yaml(checkpoint / RunDir.CONFIG)))
     now = dict(flatten(current))
     changed = []
     for key in sorted(set(saved) | set(now)):

@@ -16,14 +16,12 @@ from accelerate.utils import SCHEDULER_NAME, broadcast_object_list
 
 from finetune.core.config import save_config
 from finetune.core.errors import UserError, first_line
-from finetune.core.run_dir import replace_dir, write_json
+from finetune.core.run_dir import RunDir, replace_dir, write_json
 from finetune.training.checkpoints.layout import (
-    CHECKPOINTS_DIR,
     MODEL_DIR,
     PROGRESS_FILE,
     SCHEDULER_FILE,
     STATE_DIR,
-    checkpoint_name,
     prune,
 )
 from finetune.training.progress import Progress
@@ -73,7 +71,7 @@ class CheckpointWriter:
         under ZeRO-3/FSDP); with `wait`, return only once it is on disk (a run about to exit)."""
         self.wait()
         accelerator = self.accelerator
-        target = run_dir / CHECKPOINTS_DIR / checkpoint_name(progress.step)
+        target = RunDir(run_dir).checkpoint(progress.step)
         tmp = target.with_name(f".tmp-{target.name}")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +84,7 @@ class CheckpointWriter:
             if accelerator.is_main_process:
                 if not (into / STATE_DIR / f"{SCHEDULER_NAME}.bin").exists():  # see SCHEDULER_FILE
                     write_json(into / SCHEDULER_FILE, scheduler.state_dict())
-                save_config(cfg, into / "config.yaml")
+                save_config(cfg, into / RunDir.CONFIG)
 
         staging = self._staging_dir() if accelerator.is_main_process else None
         try:
