@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from finetune.core.errors import UserError, exit_on_user_error
-from finetune.core.metric_names import LOWER_IS_BETTER
+from finetune.core.metric_names import MetricGoal
 from finetune.core.run_dir import RunDir
 
 TRAIN_SERIES = ("loss", "lr")  # the training panels, in this order
@@ -81,10 +81,6 @@ def resolve_metric_for_best(run_dir: Path) -> str | None:
     return name.removeprefix("eval_") if isinstance(name, str) and name else None
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.removeprefix("eval_") in LOWER_IS_BETTER
-
-
 def checkpoint_best_step(run_dir: Path) -> int | None:
     """The step of the checkpoint that `checkpoints/best` points to, or None without one."""
     link = RunDir(run_dir).best
@@ -117,10 +113,8 @@ def read_curves(run_dir: Path, metric_for_best: str | None = None) -> Curves:
     if curves.best_step is None:
         curves.metric_for_best = metric = metric or "loss"
         steps, values = curves.series.get(f"eval_{metric}", ([], []))
-        sign = 1 if lower_is_better(metric) else -1
-        scored = [(sign * v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
-        # min over (score, step): ties go to the earlier evaluation, as checkpoint selection does.
-        curves.best_step = min(scored)[1] if scored else None
+        by_step = dict(zip(steps, values, strict=True))
+        curves.best_step = MetricGoal.of(metric).best(steps, by_step.get)  # the rule checkpoint selection uses
     return curves
 
 
@@ -188,7 +182,7 @@ def plot_run(run_dir: Path, metric_for_best: str | None = None, out: Path | None
     if curves.best_step is not None:
         title += f" - best {'checkpoint' if curves.best_is_checkpoint else 'evaluation'}: step {curves.best_step}"
     if curves.best_step is not None and curves.metric_for_best:  # None: the run did not record which metric
-        order = "lower" if lower_is_better(curves.metric_for_best) else "higher"
+        order = "lower" if MetricGoal.of(curves.metric_for_best).lower_is_better else "higher"
         title += f" by eval_{curves.metric_for_best} ({order} is better)"
     return _render([(name, curves)], title, Path(out) if out else RunDir(run_dir).curves)
 
@@ -257,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} is not a directory: pass a run's output dir (output.dir in its config.yaml).")
         if not (run_dir / RunDir.METRICS).is_file():
-            raise UserError(f"{run_dir} has no {RunDir.METRICS}: pass a run's output dir (written from its first step).")
+            raise UserError(
+                f"{run_dir} has no {RunDir.METRICS}: pass a run's output dir (written from its first step)."
+            )
     if args.out is not None and not args.out.parent.is_dir():
         raise UserError(f"{args.out.parent} is not a directory: create it, or pass -o a path in an existing dir.")
     if len(args.run_dirs) == 1:

@@ -31,13 +31,12 @@ on nothing but the step, with or without an interruption.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from finetune.core.metric_names import LOWER_IS_BETTER
+from finetune.core.metric_names import MetricGoal
 from finetune.core.run_dir import RunDir
 from finetune.training.progress import Progress
 
@@ -99,19 +98,11 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def metric_value(path: Path, metric: str) -> float | None:
-    """The checkpoint's `metric`, or None if it was not evaluated or the value is not finite."""
-    value = (read_progress(path).metrics or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def best_checkpoint(checkpoints: list[Path], metric: str) -> Path | None:
-    scored = [(value, path) for path in checkpoints if (value := metric_value(path, metric)) is not None]
-    if not scored:
-        return None
-    pick = min if metric in LOWER_IS_BETTER else max
-    # Ties go to the earlier checkpoint, as Trainer's best-model tracking does.
-    return pick(scored, key=lambda item: item[0])[1]
+    """The checkpoint with the best evaluated `metric` (`MetricGoal`: ties to the earlier one, as Trainer's
+    best-model tracking; not evaluated or not finite: never best), or None."""
+    goal = MetricGoal.of(metric)
+    return goal.best(checkpoints, lambda path: goal.value(read_progress(path).metrics))
 
 
 def prune(run_dir: Path, keep_last: int, metric: str) -> None:
