@@ -54,10 +54,14 @@ def setup(argv: list[str]):
 @exit_on_user_error
 def main(argv: list[str]) -> None:
     run, data, tokenizer = setup(argv)
-    if run.dry_run:
-        return dry_run(run, data, tokenizer)
     cfg, accelerator = run.cfg, run.accelerator
+    # ---- data: targets masked, packed if asked; before the model, so data with nothing left to train on is refused
+    with accelerator.main_process_first():
+        train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
+    if run.dry_run:
+        return dry_run(run, train_set, train_report, val_set, val_report)
     start_run(run)
+    run.log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
     set_seed(cfg.train.seed)  # before the model: model.random_init draws its weights from it
 
     # ---- model
@@ -68,11 +72,6 @@ def main(argv: list[str]) -> None:
         probes.check_packing_supported(model, rows_per_batch=1 if flatten else None)
     adapt = enable_chunked_loss if cfg.train.chunked_loss else None
     model, optimizer = batches.prepare_model(run, model, lora_task_type="CAUSAL_LM", adapt=adapt)
-
-    # ---- data: tokens, targets masked, packed into rows of data.max_length if asked
-    with accelerator.main_process_first():
-        train_set, train_report, val_set, val_report = tokenized(cfg, data, tokenizer)
-    run.log.info(f"train: {train_report.describe()}\nvalidation: {val_report.describe()}")
     loaders = batches.make_loaders(
         run,
         model,
@@ -116,18 +115,17 @@ def main(argv: list[str]) -> None:
 
 def tokenized(cfg: SFTConfig, data, tokenizer):
     """Train and validation as token ids with loss masks, packed into rows if asked, and what was done."""
-    train_set, train_report = tokenize_sft(data.train, tokenizer, cfg.data)
-    val_set, val_report = tokenize_sft(data.validation, tokenizer, cfg.data)
+    train_set, train_report = tokenize_sft(data.train, tokenizer, cfg.data, "train")
+    val_set, val_report = tokenize_sft(data.validation, tokenizer, cfg.data, "validation")
     if cfg.data.packing:
         train_set = pack_examples(train_set, cfg.data.max_length)
         val_set = pack_examples(val_set, cfg.data.max_length)
     return train_set, train_report, val_set, val_report
 
 
-def dry_run(run: Run, data, tokenizer) -> None:
+def dry_run(run: Run, train_set, train_report, val_set, val_report) -> None:
     """--dry-run: what the run would train on, for how many steps, and in how much memory; no weights read."""
     if run.accelerator.is_main_process:
-        train_set, train_report, val_set, val_report = tokenized(run.cfg, data, tokenizer)
         lines, longest = describe_data(train_set, train_report, val_set, val_report, run.cfg.data.packing)
         model_config = modeling.load_model_config(run.cfg.model)
         report_dry_run(run, lines, len(train_set), longest, model_config, transformers.AutoModelForCausalLM)

@@ -9,14 +9,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune.core.compile import LengthBuckets
+from finetune.core.buckets import LengthBuckets
 
 
 def padding_collator(
     tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, buckets: LengthBuckets | None = None
 ):
     """Pads a batch to its own longest example (dynamic padding), rounded up to `pad_to_multiple_of`; or, for a
-    compiled model, up to one of a few lengths (`finetune.core.compile.LengthBuckets`)."""
+    compiled model, up to one of a few lengths (`finetune.core.buckets.LengthBuckets`)."""
     if buckets is None:
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     return BucketCollator(tokenizer, buckets)

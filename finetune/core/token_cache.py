@@ -85,12 +85,15 @@ def cached_tokenization(
         key.update(part.encode())
     key.update(source)
     entry = root / key.hexdigest()
-    if (entry / EXTRA_FILE).is_file():  # written last: the entry is complete
+    # EXTRA_FILE is written last: the entry is complete (one with no data file is an empty set an older version
+    # saved unreadably: tokenized again, and left uncached).
+    if (entry / EXTRA_FILE).is_file() and any(entry.glob("*.arrow")):
         return load_from_disk(str(entry)), json.loads((entry / EXTRA_FILE).read_text())
     tokenized, extra = tokenize()
     tmp = root / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     try:
-        tokenized.save_to_disk(str(tmp))
+        # datasets writes no shard at all for 0 rows, and then cannot load what it wrote: give it one.
+        tokenized.save_to_disk(str(tmp), num_shards=None if len(tokenized) else 1)
         (tmp / EXTRA_FILE).write_text(json.dumps(extra))
         tmp.rename(entry)
     except OSError:  # a read-only or full disk, or another process won the race: the run goes on uncached

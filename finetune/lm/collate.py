@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from finetune.core.compile import LengthBuckets
+from finetune.core.buckets import LengthBuckets
 from finetune.training.accumulation import IGNORE_INDEX
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
-"""Data of the causal-LM SFT recipe: read chats, prompt/completion pairs or plain text; tokenize with a loss mask;
-pack; pad.
-
-Labels are the input ids with IGNORE_INDEX (-100) wherever a token carries no loss; the model shifts them by one
-(`labels[..., 1:]` are the targets), so the number of loss terms of a row is `count_next_token_terms`.
+"""Data of the causal-LM SFT recipe, before tokenizing: read chats, prompt/completion pairs or plain text
+(data.train, data.validation or a held-out data.validation_fraction), decide data.format, normalise every format
+to its columns (`FORMAT_COLUMNS`, empty rows dropped); install and check the chat template chats are rendered
+through. `finetune.lm.tokenize` turns the result into token ids with a loss mask.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from finetune.core.schemas import SFTDataConfig
 FORMAT_COLUMNS = {"chat": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
 # A template that marks assistant output itself (TRL's convention, read by `return_assistant_tokens_mask`).
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-# Outcome of tokenizing one example (a column dropped before `tokenize_sft` returns).
-
 
 # --------------------------------------------------------------------------------------------
 # Reading and normalising
@@ -274,8 +270,3 @@ def check_chat_template(cfg: SFTDataConfig, tokenizer: PreTrainedTokenizerBase, 
         raise UserError(f"{where}: rendering a user/assistant chat failed: {first_line(err)}") from None
     if "ping4711" not in rendered or "pong4711" not in rendered:
         raise UserError(f"{where}: the template does not render the messages' content: {rendered[:200]!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Generation prompts
-# --------------------------------------------------------------------------------------------

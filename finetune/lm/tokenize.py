@@ -1,4 +1,11 @@
-"""Chats, prompt/completion pairs and texts to token ids with a loss mask on the targets."""
+"""Normalised SFT data (`finetune.lm.data`) to token ids with a loss mask on the targets: `tokenize_sft` cuts or
+drops examples longer than data.max_length, drops those left without a target token, and says so in a
+`TokenizeReport` (a set with no example left is a UserError); the prompts evaluation generates from
+(`generation_prompts`); what the dry run says about the data (`describe_data`).
+
+Labels are the input ids with IGNORE_INDEX (-100) wherever a token carries no loss; the model shifts them by one
+(`labels[..., 1:]` are the targets), so the number of loss terms of a row is `count_next_token_terms`.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +22,8 @@ from finetune.core.token_cache import cached_tokenization
 from finetune.lm.data import GENERATION_TAG, NO_CHAT_TEMPLATE, data_format
 from finetune.training.accumulation import IGNORE_INDEX
 
-# --------------------------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------------------------
-
-_KEPT, _TRUNCATED, _TOO_LONG, _NO_TARGETS = 0, 1, 2, 3  # what happened to an example
+# What happened to an example: a column of the mapped dataset, dropped before `tokenize_sft` returns.
+_KEPT, _TRUNCATED, _TOO_LONG, _NO_TARGETS = 0, 1, 2, 3
 
 
 @dataclass
@@ -205,14 +209,17 @@ def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]):
     return ids, [[True] * len(x) for x in ids]
 
 
-def tokenize_sft(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SFTDataConfig) -> tuple[Dataset, TokenizeReport]:
+def tokenize_sft(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SFTDataConfig, name: str = "data"
+) -> tuple[Dataset, TokenizeReport]:
     """Columns `input_ids` and `labels` (same length; -100 where a token carries no loss) of a normalised dataset.
 
     Targets are the completion (+ EOS) or the assistant turns (+ the end-of-turn the template emits), or every
     token with data.train_on_prompt (text: always every token, + EOS). Chats go through the tokenizer's chat
     template (call `check_chat_template` first); an assistant message that opens a chat has no prompt and is
     not a target. Examples longer than data.max_length are cut or dropped (data.too_long); examples left
-    without a target token are dropped. Row order is kept.
+    without a target token are dropped. Row order is kept. When no example is left, a UserError about the
+    set `name` (train, validation) says why and what to change.
     """
     fmt = data_format(ds)
     max_length, drop_long = cfg.max_length, cfg.too_long == "drop"
@@ -244,9 +251,37 @@ def tokenize_sft(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SFTDataCo
         tokenized, report = _tokenize_and_count(ds, encode, max_length)
         return tokenized, asdict(report)
 
-    settings = {name: getattr(cfg, name) for name in ("max_length", "too_long", "train_on_prompt")}
+    settings = {key: getattr(cfg, key) for key in ("max_length", "too_long", "train_on_prompt")}
     tokenized, report = cached_tokenization(ds, tokenizer, settings, build, code=tokenize_sft)
-    return tokenized, TokenizeReport(**report)
+    report = TokenizeReport(**report)
+    if report.kept == 0:
+        raise UserError(_nothing_left(name, report, cfg))
+    return tokenized, report
+
+
+def _nothing_left(name: str, report: TokenizeReport, cfg: SFTDataConfig) -> str:
+    """Why tokenizing left no example of the set `name`, and what to change."""
+    if not report.examples:
+        return f"{name}: no example to tokenize."
+    length = f"data.max_length={cfg.max_length:,}"
+    reasons, fixes = [], []
+    if report.dropped_too_long:
+        reasons.append(f"{report.dropped_too_long:,} longer than {length} tokens (data.too_long=drop)")
+        fixes.append("raise data.max_length, or set data.too_long=truncate to cut them instead")
+    if report.dropped_no_targets:
+        reasons.append(
+            f"{report.dropped_no_targets:,} with no target token within {length} tokens (the prompt fills it, or "
+            "no completion or assistant turn follows a prompt)"
+        )
+        fixes.append(
+            "raise data.max_length if the prompts fill it"
+            + ("" if cfg.train_on_prompt else ", or set data.train_on_prompt=true to learn the prompts too")
+        )
+    dropped = f"all {report.examples:,} were" if report.examples > 1 else "the only one was"
+    return (
+        f"{name}: no example left after tokenizing: {dropped} dropped, {' and '.join(reasons)}. "
+        f"To keep them: {'; '.join(fixes)}."
+    )
 
 
 def _tokenize_and_count(ds: Dataset, encode, max_length: int) -> tuple[Dataset, TokenizeReport]:

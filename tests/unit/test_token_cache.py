@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from helpers import make_tokenizer
 from transformers import AutoTokenizer
 
 from finetune.classify.data import tokenize
@@ -70,8 +71,6 @@ def test_the_cache_can_be_turned_off(tiny_bert, monkeypatch, builds):
 
 
 def test_sft_tokenization_and_its_report_come_back_from_the_cache(cache, builds):
-    from test_lm_data import make_tokenizer
-
     from finetune.core.config import build_config
     from finetune.core.schemas import SFTDataConfig
     from finetune.lm.tokenize import tokenize_sft
@@ -86,3 +85,38 @@ def test_sft_tokenization_and_its_report_come_back_from_the_cache(cache, builds)
     assert builds == [3] and again_report == first_report
     assert first_report.examples == 3 and first_report.kept + first_report.dropped_no_targets == 3
     assert again.to_dict() == first.to_dict()
+
+
+def test_an_empty_tokenized_set_is_saved_and_loaded_back(cache):
+    """datasets saves 0 rows as no shard at all, then cannot load it: the cache gives it one."""
+    empty = Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]]}).select([]).flatten_indices()
+    built: list[int] = []
+
+    def tokenize() -> tuple[Dataset, dict]:
+        built.append(1)
+        return empty, {"kept": 0}
+
+    source = examples(["every example dropped"])
+    results = [
+        token_cache.cached_tokenization(source, make_tokenizer(), {"max_length": 8}, tokenize, code=examples)
+        for _ in range(2)
+    ]
+    assert built == [1], "the second call is a cache hit"
+    for tokenized, extra in results:
+        assert len(tokenized) == 0 and tokenized.features == empty.features and extra == {"kept": 0}
+    (entry,) = cache.iterdir()
+    assert list(entry.glob("*.arrow"))
+
+
+def test_sft_tokenization_that_leaves_no_example_is_refused_from_the_cache_too(cache, builds):
+    from finetune.core.config import build_config
+    from finetune.core.errors import UserError
+    from finetune.core.schemas import SFTDataConfig
+    from finetune.lm.tokenize import tokenize_sft
+
+    pairs = Dataset.from_dict({"prompt": ["a" * 20, "b" * 30], "completion": ["x", "y"]})
+    cfg = build_config(SFTDataConfig, [("test", {"max_length": 12, "too_long": "drop"})])
+    for _ in range(2):
+        with pytest.raises(UserError, match=r"^validation: no example left .* all 2 were dropped, 2 longer than"):
+            tokenize_sft(pairs, make_tokenizer(), cfg, "validation")
+    assert builds == [2], "the empty result was cached, and read back"
