@@ -8,7 +8,7 @@ after each operation: what an allocator without a cache holds, i.e. the activati
 logits, the gradients as they appear, each operation's outputs and temporaries. Mixed precision runs under CPU
 autocast, wrapped around the forward as Accelerate wraps it (its half-precision weight copies included). The peak
 is the weights and optimizer state plus the larger of that forward/backward peak and the optimizer step's (every
-gradient). Measured training steps on CPU agree within 1% (tests/test_memory_estimate.py); the GPU check is
+gradient). Measured training steps on CPU agree within 1% (tests/unit/test_memory_estimate.py); the GPU check is
 benchmarks/gpu_memory_estimate.py.
 """
 

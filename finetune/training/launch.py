@@ -88,7 +88,7 @@ def make_accelerator(
     except ValueError as err:  # e.g. fp16 requested on a machine that cannot run it
         raise UserError(f"cannot set up Accelerate: {err}") from None
     if launched_with_fsdp2() and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        enable_fsdp_on_cpu(accelerator)  # Accelerate would run it as DDP: see finetune/fsdp.py
+        enable_fsdp_on_cpu(accelerator)  # Accelerate would run it as DDP: see finetune/core/fsdp.py
     keep_weights_once(accelerator)
     if train.compile and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(
