@@ -282,7 +282,8 @@ def trl_worker(spec: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.lm.loss import disable_chunked_loss, enable_chunked_loss, next_token_loss
+    from finetune.lm.loss import disable_chunked_loss, next_token_loss
+    from finetune.lm.probes import enable_exact_chunked_loss
     from finetune.training.accumulation import IGNORE_INDEX
 
     device = spec["device"]
@@ -369,7 +370,7 @@ def trl_worker(spec: dict) -> dict:
         trl_window = sum(float(trainer.compute_loss(trainer.model, dict(b), num_items_in_batch=n_items))
                          for b in window)  # fmt: skip
         plain = sum(float(next_token_loss(trainer.model, dict(b))) for b in window) / float(n_items)
-        enable_chunked_loss(trainer.model)
+        enable_exact_chunked_loss(trainer.model)
         chunked = sum(float(next_token_loss(trainer.model, dict(b))) for b in window) / float(n_items)
         disable_chunked_loss(trainer.model)
     val_loss = validation_loss(trainer.model, tokenizer, Path(spec["validation"]), spec["max_length"], model.device)

@@ -25,7 +25,7 @@ from finetune.core.schemas import SFTConfig
 from finetune.lm import evaluate, probes
 from finetune.lm.collate import SFTCollator
 from finetune.lm.data import check_chat_template, load_sft_data
-from finetune.lm.loss import enable_chunked_loss, next_token_loss
+from finetune.lm.loss import next_token_loss
 from finetune.lm.packing import pack_examples
 from finetune.lm.tokenize import describe_data, generation_prompts, tokenize_sft
 from finetune.plan.dry_run import report_dry_run
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     flatten = cfg.data.packing and model.config._attn_implementation.startswith("flash_attention")
     if cfg.data.packing:
         probes.check_packing_supported(model, rows_per_batch=1 if flatten else None)
-    adapt = enable_chunked_loss if cfg.train.chunked_loss else None
+    adapt = probes.enable_exact_chunked_loss if cfg.train.chunked_loss else None
     model, optimizer = batches.prepare_model(run, model, lora_task_type="CAUSAL_LM", adapt=adapt)
     loaders = batches.make_loaders(
         run,

@@ -1,4 +1,4 @@
-"""The causal-LM loss without the (tokens x vocabulary) logits, and the guard for packed rows.
+"""The causal-LM loss without the (tokens x vocabulary) logits.
 
 **Chunked loss.** The plain loss projects every position onto the vocabulary: B*T*V logits, upcast to fp32,
 then a log-softmax and its gradient of the same size (for 8 x 4096 tokens and a 128k vocabulary, 16 GiB
@@ -22,17 +22,14 @@ instead of logits. Without attached labels it is the plain linear layer (generat
 `next_token_loss(model, batch)` does the attaching; it works through DDP, FSDP2, DeepSpeed and peft wrappers
 since it only calls the wrapper's forward.
 
-**Packing.** `check_packing_supported` refuses a model whose attention would let the examples packed in a
-row (positions restarting at 0, no attention mask) see each other; see its docstring for what transformers
-does per attention implementation.
+**Which models.** The chunked loss is the model's loss only if the model returns its output layer's result
+as the logits; `enable_chunked_loss` checks that by running a tiny instance of the model's class
+(`finetune.lm.probes`).
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
-import textwrap
 from collections.abc import Iterator
 
 import torch
@@ -276,7 +273,7 @@ class ChunkedLossHead(nn.Linear):
         return loss.reshape(1, 1, 1).clone()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP/DeepSpeed (`.module`), torch.compile (`._orig_mod`) and peft."""
     seen = set()
     while id(model) not in seen:
@@ -290,121 +287,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_set(value) -> bool:
-    return value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0)
-
-
-def _is_self_call(node: ast.AST, attr: str) -> bool:
-    """`self.<attr>(...)`"""
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == attr
-        and isinstance(node.func.value, ast.Name)
-        and node.func.value.id == "self"
-    )
-
-
-def _is_float_of(node: ast.AST, inner) -> bool:
-    """`<inner>.float()` or `<inner>.contiguous()`: no change to the values"""
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr in ("float", "contiguous")
-        and not node.args
-        and inner(node.func.value)
-    )
-
-
-def _is_name_in(node: ast.AST, names: set[str]) -> bool:
-    return isinstance(node, ast.Name) and node.id in names
-
-
-def _logit_changes_after_head(model: nn.Module, head_name: str) -> str | None:
-    """Why the model's forward does more to the logits than return them (a line of its source), or None.
-
-    Reads the forward of the model's class: the output layer must be called as `x = self.<head>(...)`
-    (or `.float()` of it) and `x` afterwards only passed on or made `.float()`. Statements under an `if` on a
-    config attribute that is off in this config (`if self.config.final_logit_softcapping is not None:` with
-    None) do not count.
-    """
-    try:
-        source = textwrap.dedent(inspect.getsource(type(model).forward))
-    except (OSError, TypeError):
-        return f"the source of {type(model).__name__}.forward is not available to check"
-    config = model.config
-    head_vars: set[str] = set()
-    problems: list[str] = []
-
-    def switched_off(test: ast.AST) -> bool:
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.IsNot):
-            test = test.left
-        return (
-            isinstance(test, ast.Attribute)
-            and isinstance(test.value, ast.Attribute)
-            and test.value.attr == "config"
-            and isinstance(test.value.value, ast.Name)
-            and test.value.value.id == "self"
-            and not _is_set(getattr(config, test.attr, None))
-        )
-
-    def is_head(node: ast.AST) -> bool:
-        return _is_self_call(node, head_name)
-
-    def visit(statements: list[ast.stmt]) -> None:
-        for stmt in statements:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            if isinstance(stmt, ast.If):
-                if not switched_off(stmt.test):
-                    visit(stmt.body)
-                visit(stmt.orelse)
-                continue
-            for field in ("body", "orelse", "finalbody"):
-                visit(getattr(stmt, field, None) or [])
-            for handler in getattr(stmt, "handlers", None) or []:
-                visit(handler.body)
-            if not isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) or stmt.value is None:
-                continue
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            names = {t.id for t in targets if isinstance(t, ast.Name)}
-            value = stmt.value
-            line = (ast.get_source_segment(source, stmt) or "").splitlines()[0].strip()
-            if any(is_head(node) for node in ast.walk(value)):
-                plain = is_head(value) or _is_float_of(value, is_head)
-                if isinstance(stmt, ast.Assign) and len(targets) == 1 and len(names) == 1 and plain:
-                    head_vars.update(names)
-                else:
-                    problems.append(line)
-            elif names & head_vars and not _is_float_of(value, lambda n, names=names: _is_name_in(n, names)):
-                problems.append(line)  # e.g. `logits = logits * self.logit_scale`
-
-    function = ast.parse(source).body[0]
-    visit(function.body)
-    if not head_vars and not problems:
-        return f"{type(model).__name__}.forward does not call self.{head_name}(...) to make its logits"
-    return problems[0] if problems else None
-
-
-# Config keys of logit post-processing in transformers' causal LMs, with the value that leaves logits alone.
-_LOGIT_CONFIG_KEYS = {
-    "final_logit_softcapping": None,
-    "logit_scale": 1,
-    "logits_scaling": 1,
-    "output_logit_soft_cap": None,
-}
-
-
 def enable_chunked_loss(model: nn.Module, chunk_size: int | None = None) -> None:
     """Make `next_token_loss` compute the loss chunk by chunk from the model's final hidden states.
 
     Turns the model's output embedding (`get_output_embeddings()`, an `nn.Linear`) into a `ChunkedLossHead`
-    in place: same module, same parameters. Call it before `accelerator.prepare` (FSDP2 and DeepSpeed wrap
+    in place: same module, same parameters. Call it before `accelerate.prepare` (FSDP2 and DeepSpeed wrap
     the module afterwards, which keeps it working) and before peft, or on the peft model. Refuses, with a
-    `UserError`, a model that changes its logits after the output layer (soft-capping, scaling, slicing),
-    which a loss on the hidden states would skip, and an output layer that is not a plain `nn.Linear`.
+    `UserError`, an output layer that is not a plain `nn.Linear`. It does not check that the model leaves its
+    logits alone after that layer (soft-capping, scaling): `finetune.lm.probes.enable_exact_chunked_loss` does,
+    by running a tiny instance of the model's class, and is what recipes call.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
@@ -418,27 +311,16 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int | None = None) -> None
             "torch.nn.Linear (LoRA or modules_to_save on lm_head, quantization, or an already wrapped model: enable "
             "it before accelerator.prepare); turn train.chunked_loss off"
         )
-    config = getattr(base, "config", None)
-    for key, neutral in _LOGIT_CONFIG_KEYS.items():
-        value = getattr(config, key, None)
-        if _is_set(value) and value != neutral:
-            raise UserError(
-                f"train.chunked_loss: {type(base).__name__} post-processes its logits ({key}={value}), which the "
-                "chunked loss would skip; turn train.chunked_loss off"
-            )
-    head_name = next((name for name, child in base.named_children() if child is head), None)
-    why = (
-        _logit_changes_after_head(base, head_name)
-        if head_name
-        else "its output layer is not a direct child of the model"
-    )
-    if why:
-        raise UserError(
-            f"train.chunked_loss: {type(base).__name__} does more with its logits than return them ({why}); a "
-            "loss from the hidden states would skip that. Turn train.chunked_loss off"
-        )
+    chunk_output_layer(base, chunk_size)
+
+
+def chunk_output_layer(model: nn.Module, chunk_size: int | None = None) -> ChunkedLossHead:
+    """Turn the model's plain `nn.Linear` output layer into a ChunkedLossHead in place, unchecked: what
+    `enable_chunked_loss` does once its checks pass (and the chunked-loss probe does on its tiny model)."""
+    head = unwrap(model).get_output_embeddings()
     head.__class__ = ChunkedLossHead
     head.chunk_size = chunk_size
+    return head
 
 
 def disable_chunked_loss(model: nn.Module) -> None:

@@ -36,9 +36,9 @@ from finetune.core.schemas import ScoreLMConfig, ScoreLMModelConfig, SFTDataConf
 from finetune.lm.collate import SFTCollator
 from finetune.lm.data import check_chat_template, data_format, load_sft_data, normalise, resolve_format
 from finetune.lm.evaluate import evaluate_lm, generate_greedy, score_generations, write_generations
-from finetune.lm.loss import enable_chunked_loss, next_token_loss
+from finetune.lm.loss import next_token_loss
 from finetune.lm.packing import pack_examples
-from finetune.lm.packing_support import check_packing_supported
+from finetune.lm.probes import check_packing_supported, enable_exact_chunked_loss
 from finetune.lm.tokenize import generation_prompts, tokenize_sft
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -210,11 +210,11 @@ def score_causal_lm(
     data_fingerprint = token_fingerprint(dataset)
     flatten = cfg.data.packing and (cfg.model.attn_implementation or "").startswith("flash_attention")
     if cfg.data.packing:
-        check_packing_supported(model)
+        check_packing_supported(model, rows_per_batch=1 if flatten else None)  # flash: one flattened row
         dataset = pack_examples(dataset, cfg.data.max_length)
     if cfg.eval.chunked_loss:
         try:
-            enable_chunked_loss(model)
+            enable_exact_chunked_loss(model)
         except UserError:  # a model whose logits the chunked loss cannot reproduce: the plain loss is the same
             pass
     model = model.to(accelerator.device)  # no DDP wrapper: nothing trains; the batches are split over processes

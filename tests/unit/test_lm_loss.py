@@ -1,7 +1,8 @@
 """finetune/lm_loss.py: the chunked causal-LM loss equals the plain one (loss and every gradient), through
 the model's own forward, tied and untied heads, LoRA, autocast; the converted model still saves, loads and
-generates as before; and packed rows (position_ids restarting at 0, no attention mask) train exactly like
-the same examples padded, for eager and sdpa attention."""
+generates as before; packed rows (position_ids restarting at 0, no attention mask) train exactly like the
+same examples padded, for eager and sdpa attention; and the probes (finetune/lm/probes.py) that run a tiny
+instance of a model's class refuse packing and the chunked loss where the model would not keep either exact."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from finetune.lm.loss import (
     find_chunked_head,
     next_token_loss,
 )
-from finetune.lm.packing_support import check_packing_supported
+from finetune.lm.probes import check_packing_supported, enable_exact_chunked_loss
 from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
 
 VOCAB = 301
@@ -302,28 +303,70 @@ def test_a_forward_that_does_not_pass_every_position_is_caught():
     assert model.lm_head._targets is None  # detached again after the error
 
 
+class ScaledLlama(LlamaForCausalLM):
+    """Scales its logits after the output layer, as Cohere's logit_scale or Granite's logits_scaling do."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+class SoftcappedLlama(LlamaForCausalLM):
+    """Soft-caps its logits after the output layer, as Gemma 2's final_logit_softcapping does."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)
+        return out
+
+
 def test_models_that_change_their_logits_are_refused():
-    softcapped = tiny_llama()
-    softcapped.config.final_logit_softcapping = 30.0
-    with pytest.raises(UserError, match="final_logit_softcapping"):
-        enable_chunked_loss(softcapped)
+    """The probe runs a tiny instance of the model's class: what its forward does to the logits decides, not its
+    config keys nor how its source reads."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    class ScaledLlama(LlamaForCausalLM):
-        def forward(self, input_ids=None, **kwargs):
-            hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-            logits = self.lm_head(hidden)
-            logits = logits * 0.5
-            return logits
+    for changed in (ScaledLlama, SoftcappedLlama):
+        model = changed(tiny_llama().config)
+        with pytest.raises(UserError, match=rf"train\.chunked_loss: {changed.__name__} does more with its logits"):
+            enable_exact_chunked_loss(model)
+        assert find_chunked_head(model) is None  # refused: the output layer is left as it was
 
-    scaled = ScaledLlama(tiny_llama().config)
-    with pytest.raises(UserError, match=r"logits = logits \* 0.5"):
-        enable_chunked_loss(scaled)
+    gemma = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+    softcapped = Gemma2ForCausalLM(Gemma2Config(**gemma, final_logit_softcapping=30.0))
+    with pytest.raises(UserError, match="final_logit_softcapping=30.0"):  # named as a hint
+        enable_exact_chunked_loss(softcapped)
+    enable_exact_chunked_loss(Gemma2ForCausalLM(Gemma2Config(**gemma, final_logit_softcapping=None)))
+
+    ignored = tiny_llama()  # Llama has no soft-capping: the key changes nothing, the chunked loss is exact
+    ignored.config.final_logit_softcapping = 30.0
+    enable_exact_chunked_loss(ignored)
+    assert isinstance(ignored.lm_head, ChunkedLossHead)
 
     other_head = tiny_llama()
     other_head.lm_head = torch.nn.Sequential(other_head.lm_head)
     with pytest.raises(UserError, match="not a plain"):
-        enable_chunked_loss(other_head)
+        enable_exact_chunked_loss(other_head)
     assert find_chunked_head(other_head) is None
+
+
+class OnlyOnceLlama(LlamaForCausalLM):
+    """A model class whose tiny probe instance cannot be built (stands for the exotic ones the probe cannot run)."""
+
+    built = 0
+
+    def __init__(self, config):
+        type(self).built += 1
+        if type(self).built > 1:
+            raise RuntimeError("this class builds once")
+        super().__init__(config)
+
+
+def test_a_model_class_the_probe_cannot_run_keeps_the_plain_loss_with_a_warning():
+    model = OnlyOnceLlama(tiny_llama().config)
+    with pytest.warns(UserWarning, match="cannot check it.*plain loss"):
+        assert enable_exact_chunked_loss(model) is False
+    assert find_chunked_head(model) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,25 +447,77 @@ def test_without_position_ids_the_packed_examples_see_each_other():
 
 
 def test_packing_guard():
-    from transformers import GptOssConfig, MambaConfig, OPTConfig, Qwen3NextConfig
-
     check_packing_supported(tiny_llama(attn="sdpa"))
     check_packing_supported(LlamaConfig(attn_implementation="flex_attention"))
     flash = LlamaConfig(attn_implementation="flash_attention_2")
-    with pytest.raises(UserError, match=r"data\.packing.*model\.attn_implementation=flash_attention_2"):
+    with pytest.raises(UserError, match=r"data\.packing.*model\.attn_implementation=flash_attention_2.*single row"):
         check_packing_supported(flash)
     check_packing_supported(flash, rows_per_batch=1)  # a single row: transformers splits it by position_ids
-    with pytest.raises(UserError, match=r"data\.packing.*model\.attn_implementation=paged"):
-        check_packing_supported(LlamaConfig(attn_implementation="paged|sdpa"))
+    with pytest.raises(UserError, match=r"data\.packing.*model\.attn_implementation=paged\|eager.*sdpa"):
+        check_packing_supported(LlamaConfig(attn_implementation="paged|eager"))  # needs a paged cache
     bidirectional = LlamaConfig()
     bidirectional.is_causal = False
-    with pytest.raises(UserError, match="bidirectional"):
+    with pytest.raises(UserError, match="attend to each other.*bidirectional"):
         check_packing_supported(bidirectional)
-    with pytest.raises(UserError, match="without position_ids"):  # masks built from the attention mask only
-        check_packing_supported(OPTConfig())
-    with pytest.raises(UserError, match="without position_ids"):
-        check_packing_supported(GptOssConfig())
-    with pytest.raises(UserError, match="recurrent"):
-        check_packing_supported(Qwen3NextConfig())
-    with pytest.raises(UserError, match="create_causal_mask"):
-        check_packing_supported(MambaConfig())
+
+
+def test_packing_guard_refuses_architectures_that_mix_packed_examples():
+    from transformers import GptOssConfig, MambaConfig, OPTConfig, Qwen3NextConfig
+
+    for leaky in (OPTConfig(), GptOssConfig()):  # masks built from the attention mask only
+        with pytest.raises(UserError, match=r"data\.packing.*attend to each other.*set data\.packing=false"):
+            check_packing_supported(leaky)
+    for recurrent in (Qwen3NextConfig(), MambaConfig()):  # state carried from one example into the next
+        with pytest.raises(UserError, match=r"data\.packing.*attend to each other.*set data\.packing=false"):
+            check_packing_supported(recurrent)
+
+
+class PositionBlindLlama(LlamaForCausalLM):
+    """Drops position_ids: nothing tells its packed examples apart (a model whose masks ignore them)."""
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "flash_attention_2"])
+def test_the_probe_catches_a_model_whose_packed_examples_see_each_other(attn):
+    """The probe runs the model's own class: a leak in its forward is found whatever its attention."""
+    model = PositionBlindLlama(tiny_llama().config)
+    model.config._attn_implementation = attn
+    rows = 1 if attn.startswith("flash") else None  # flash: the flattened single row, the case it supports
+    with pytest.raises(UserError, match=rf"model\.attn_implementation={attn} on PositionBlindLlama: .*attend to each"):
+        check_packing_supported(model, rows_per_batch=rows)
+    plain = tiny_llama()
+    plain.config._attn_implementation = attn
+    check_packing_supported(plain, rows_per_batch=rows)
+
+
+def test_probes_leave_the_callers_random_state_and_transformers_as_they_were():
+    from transformers import modeling_flash_attention_utils as flash
+
+    lazy_imports = flash._lazy_imports
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=96, attn_implementation="flash_attention_2")
+    check_packing_supported(config, rows_per_batch=1)  # a config no other test probes: the probe runs
+    enable_chunked_loss(tiny_llama(tie=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert flash._lazy_imports is lazy_imports and torch.get_num_threads() == threads
+
+
+def test_probe_verdicts_are_kept_per_class_attention_and_shrunk_config(monkeypatch):
+    """LLaMA 7B and 13B shrink to the same tiny config: one probe for both. Another attention implementation or
+    the flattened row is another probe."""
+    from finetune.lm import probes
+
+    runs = []
+    run_on_tiny = probes._run_on_tiny
+    monkeypatch.setattr(probes, "_run_on_tiny", lambda *args: runs.append(args) or run_on_tiny(*args))
+    monkeypatch.setattr(probes, "_packing_verdicts", {})
+    llama_13b = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)
+    check_packing_supported(LlamaConfig(attn_implementation="sdpa"))
+    check_packing_supported(LlamaConfig(attn_implementation="sdpa", **llama_13b))
+    assert len(runs) == 1
+    check_packing_supported(LlamaConfig(attn_implementation="eager", **llama_13b))
+    check_packing_supported(LlamaConfig(attn_implementation="sdpa"), rows_per_batch=1)
+    assert len(runs) == 3
