@@ -12,7 +12,7 @@ both are run. `tiny_model` builds the user's model class from its config shrunk 
 
 Flash-attention kernels do not run on the CPU, and flex attention compiles for tens of seconds there, so the
 packing probe runs transformers' own flash- and flex-attention paths with dense plain-torch kernels in their
-place (`_reference_flash_kernels`, `_reference_flex_kernels`): what transformers decides around the kernel
+place (`reference_flash_kernels`, `reference_flex_kernels`): what transformers decides around the kernel
 (which rows it splits into examples by position_ids, which mask function it builds) is what gets probed.
 
 Each verdict is kept for the process per model class, attention implementation and shrunk config. A probe costs
@@ -25,254 +25,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from finetune.core.errors import UserError
 from finetune.lm.loss import chunk_output_layer, enable_chunked_loss, next_token_loss, unwrap
+from finetune.lm.reference_kernels import reference_flash_kernels, reference_flex_kernels
+from finetune.lm.tiny_models import (
+    PROBE_SEED,
+    config_tree,
+    is_count,
+    is_flash,
+    one_thread,
+    special_token_names,
+    tiny_config,
+    tiny_model,
+)
 from finetune.training.accumulation import IGNORE_INDEX
-
-# --------------------------------------------------------------------------------------------
-# The tiny instance
-# --------------------------------------------------------------------------------------------
-
-PROBE_SEED = 0
-PROBE_LAYERS = 2
-PROBE_HEADS = 4
-PROBE_VOCAB = 128
-PROBE_WIDTH = 64  # hidden size of a model without attention heads
-PROBE_MAX_PARAMETERS = 50_000_000  # a LLaMA-like config shrinks to ~3M; this bounds what _shrink does not know
-
-# Widths that nothing else is derived from, and the value each gets in the tiny instance where it is larger.
-SMALL_WIDTHS = {
-    "intermediate_size": 128,
-    "ffn_dim": 128,
-    "n_inner": 128,  # None: 4 x hidden size, set too
-    "d_ff": 128,
-    "intermediate_size_mlp": 128,
-    "moe_intermediate_size": 64,
-    "shared_expert_intermediate_size": 64,
-    "shared_intermediate_size": 64,
-    "moe_shared_expert_intermediate_size": 64,
-    "q_lora_rank": 64,
-    "kv_lora_rank": 64,
-}
-# State-space layers' widths, likewise, where the config has a state size (a chunk pads the sequence to its size).
-SMALL_STATE_WIDTHS = {
-    "state_size": 16,
-    "ssm_state_size": 16,
-    "mamba_d_state": 16,
-    "chunk_size": 16,
-    "mamba_chunk_size": 16,
-    "n_groups": 1,
-    "mamba_n_groups": 1,
-    "mamba_ngroups": 1,
-}
-# Counts of experts and of the layers they start at, likewise.
-SMALL_COUNTS = {
-    "num_local_experts": 4,
-    "num_experts": 4,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "num_experts_per_token": 2,
-    "n_shared_experts": 1,
-    "num_shared_experts": 1,
-    "n_group": 1,
-    "num_expert_group": 1,
-    "topk_group": 1,
-    "first_k_dense_replace": 1,  # one dense layer, then MoE ones
-}
-LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
-HIDDEN_SIZES = ("hidden_size", "d_model", "n_embd", "embed_dim", "word_embed_proj_dim")
-# (heads, key/value heads or None): the first pair found sets the hidden size (heads x head_dim); every pair
-# found gets at most PROBE_HEADS heads with the same number of heads per key/value head.
-HEAD_COUNTS = (
-    ("num_attention_heads", "num_key_value_heads"),
-    ("n_head", "n_head_kv"),
-    ("num_heads", "num_kv_heads"),
-    ("decoder_attention_heads", None),
-    ("encoder_attention_heads", None),
-    ("linear_num_value_heads", "linear_num_key_heads"),
-    ("linear_num_heads", None),
-)
-# State-space layers: (heads, head dim, expansion); heads x head dim must stay expansion x hidden size.
-SSM_HEADS = (
-    ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
-    ("mamba_num_heads", "mamba_head_dim", "expand"),
-    ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
-    ("num_heads", "head_dim", "expand"),
-)
-VOCAB_SIZES = ("vocab_size", "decoder_vocab_size", "vocab_size_per_layer_input")
-# Settings that do not change what the model computes, dropped from the tiny config.
-UNUSED_SETTINGS = ("quantization_config", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _special_token_names(config: dict) -> list[str]:
-    return [k for k, v in config.items() if k.endswith(("_token_id", "_token_index")) and v is not None]
-
-
-def _shrink_widths(config: dict) -> None:
-    """PROBE_HEADS attention heads of the same head dimension (RoPE settings such as mrope sections or longrope
-    factors are sized by it), so a hidden size of heads x head_dim; small MLPs."""
-    pairs = [(q, kv) for q, kv in HEAD_COUNTS if _is_count(config.get(q))]
-    hidden_key = next((k for k in HIDDEN_SIZES if _is_count(config.get(k))), None)
-    old_hidden = config.get(hidden_key)
-    new_hidden = min(old_hidden, PROBE_WIDTH) if old_hidden else None
-    for i, (query, grouped) in enumerate(pairs):
-        old_heads = config[query]
-        config[query] = min(old_heads, PROBE_HEADS)
-        if grouped and _is_count(config.get(grouped)):
-            config[grouped] = max(1, config[query] * config[grouped] // old_heads)
-        if i == 0 and old_hidden:
-            head_dim = config["head_dim"] if _is_count(config.get("head_dim")) else old_hidden // old_heads
-            new_hidden = config[query] * head_dim
-    if new_hidden:
-        for key in HIDDEN_SIZES:  # every width that equals the hidden size (word_embed_proj_dim, ...)
-            if config.get(key) == old_hidden:
-                config[key] = new_hidden
-        for heads, head_dim, expand in SSM_HEADS:
-            if all(_is_count(config.get(k)) for k in (heads, head_dim, expand)):
-                config[heads] = min(config[heads], PROBE_HEADS)
-                config[head_dim] = config[expand] * new_hidden // config[heads]
-                if _is_count(config.get("mamba_d_ssm")):
-                    config["mamba_d_ssm"] = config[heads] * config[head_dim]
-                break
-    has_state = any(_is_count(config.get(k)) for k in ("state_size", "ssm_state_size", "mamba_d_state"))
-    for key, small in [*SMALL_WIDTHS.items(), *(SMALL_STATE_WIDTHS.items() if has_state else ())]:
-        value = config.get(key)
-        if isinstance(value, list):  # one per layer
-            config[key] = [min(v, small) if _is_count(v) else v for v in value]
-        elif (_is_count(value) and value > small) or (key == "n_inner" and key in config):
-            config[key] = small
-
-
-def _shrink_layers(config: dict) -> None:
-    """PROBE_LAYERS layers, or one of each kind in layer_types (in the shared-KV tail too, if any)."""
-    layers_key = next((k for k in LAYER_COUNTS if _is_count(config.get(k))), None)
-    if layers_key is None or config[layers_key] <= PROBE_LAYERS:
-        return
-    old_layers = config[layers_key]
-    types = config.get("layer_types") or [None] * old_layers
-    shared = config.get("num_kv_shared_layers") or 0  # the last layers reuse earlier layers' keys and values
-    kept: list[int] = []
-    for part in (range(old_layers - shared), range(old_layers - shared, old_layers)):
-        firsts = sorted({types[i]: i for i in reversed(part)}.values())  # the first layer of each kind
-        kept += firsts + [i for i in part if i not in firsts][: max(0, PROBE_LAYERS - len(firsts))]
-    kept.sort()
-    config[layers_key] = len(kept)
-    if shared:
-        config["num_kv_shared_layers"] = sum(i >= old_layers - shared for i in kept)
-    for key, value in config.items():  # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, ...)
-        if isinstance(value, list | tuple) and len(value) == old_layers:
-            config[key] = [value[i] for i in kept]
-    if isinstance(config.get("per_layer_config"), dict):  # {layer index: overrides}
-        config["per_layer_config"] = {
-            new: config["per_layer_config"][old]
-            for new, old in enumerate(kept)
-            if old in config["per_layer_config"] or str(old) in config["per_layer_config"]
-        } or None
-
-
-def _shrink_counts(config: dict, moved: dict[int, int]) -> None:
-    """Few experts; PROBE_VOCAB tokens, the special tokens past it moved to the last ids, each its own (an image
-    token must stay one): `moved` maps old ids to new ones across the nested configs."""
-    for key, small in SMALL_COUNTS.items():
-        if _is_count(config.get(key)) and config[key] > small:
-            config[key] = small
-    for key in VOCAB_SIZES:
-        if _is_count(config.get(key)) and config[key] > PROBE_VOCAB:
-            config[key] = PROBE_VOCAB
-    for key in _special_token_names(config):
-        ids = config[key] if isinstance(config[key], list) else [config[key]]
-        for old in ids:
-            if _is_count(old) and old >= PROBE_VOCAB and old not in moved:
-                moved[old] = PROBE_VOCAB - 1 - len(moved)
-        new = [moved.get(i, i) for i in ids]
-        config[key] = new if isinstance(config[key], list) else new[0]
-
-
-def _shrink(config: dict, nested: set[str], widths: bool, moved: dict[int, int]) -> None:
-    """Shrink a config dict in place, and its nested configs (`nested` keys) likewise; `widths=False` keeps
-    every width (for models whose widths depend on each other in ways _shrink_widths does not know)."""
-    for key in nested:
-        if isinstance(config.get(key), dict):  # a nested config's own nested configs are rare: left as they are
-            _shrink(config[key], set(), widths, moved)
-    if widths:
-        _shrink_widths(config)
-    _shrink_layers(config)
-    _shrink_counts(config, moved)
-
-
-def tiny_config(config, widths: bool = True):
-    """A copy of `config` shrunk for a probe (see _shrink), with the same attention implementation(s)."""
-    values = config.to_dict()
-    for key in UNUSED_SETTINGS:
-        values.pop(key, None)
-    _shrink(values, set(type(config).sub_configs), widths, moved={})
-    tiny = type(config).from_dict(values)
-    _copy_attn_implementation(config, tiny)
-    return tiny
-
-
-def _config_tree(config) -> Iterator:
-    """The config and its nested configs."""
-    yield config
-    for key in type(config).sub_configs:
-        sub = getattr(config, key, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            yield from _config_tree(sub)
-
-
-def _copy_attn_implementation(source, target) -> None:
-    for a, b in zip(_config_tree(source), _config_tree(target), strict=False):
-        b._attn_implementation_internal = a._attn_implementation_internal
-
-
-def _is_flash(implementation: str | None) -> bool:
-    return bool(implementation) and implementation.startswith("flash_attention")
-
-
-def tiny_model(model_class: type[nn.Module], config) -> nn.Module:
-    """A random `model_class` instance from the tiny `config`: fp32, CPU, eval mode (no dropout), weights drawn
-    from PROBE_SEED in a forked random state.
-
-    Flash attention is set after construction: transformers' constructor refuses it where the flash-attn package
-    is missing, and the probes swap the kernels for `_reference_flash_kernels` anyway.
-    """
-    implementations = [c._attn_implementation_internal for c in _config_tree(config)]
-    for c in _config_tree(config):
-        if _is_flash(c._attn_implementation_internal):
-            c._attn_implementation_internal = "eager"
-    with torch.device("meta"):  # first count: some configs have sizes _shrink does not know (hash embeddings)
-        parameters = sum(p.numel() for p in model_class(config).parameters())
-    if parameters > PROBE_MAX_PARAMETERS:
-        raise ValueError(f"shrunk for the probe, it still has {parameters:,} parameters")
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # whatever default device the caller set
-        torch.manual_seed(PROBE_SEED)
-        model = model_class(config)
-    for c, implementation in zip(_config_tree(model.config), implementations, strict=False):
-        if _is_flash(implementation):
-            c._attn_implementation_internal = implementation
-    return model.float().eval()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread; more only wait on each other's barriers (badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -284,158 +56,6 @@ def _deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # <4e-6 of the logits (fp32 rounding), examples that see each other by >1e-3; an exact chunked loss differs by
 # <3e-7, one that skips a change to the logits by >0.5.
 PROBE_RTOL = 1e-4
-
-
-# --------------------------------------------------------------------------------------------
-# Flash and flex attention on the CPU
-# --------------------------------------------------------------------------------------------
-
-
-def _attend(q, k, v, scale, causal, window, softcap, sink) -> torch.Tensor:
-    """Softmax attention of q (T, H, D) over k, v (S, Hkv, D) as the flash kernels define it (bottom-right
-    causal alignment, window (left, right) with -1 for none, tanh soft-cap, optional per-head sink logit)."""
-    heads = q.shape[1]
-    k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    scores = torch.einsum("thd,shd->hts", q.float(), k.float()) * (scale or q.shape[-1] ** -0.5)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    t, s = q.shape[0], k.shape[0]
-    query_pos = torch.arange(t, device=q.device)[:, None] + (s - t)
-    key_pos = torch.arange(s, device=q.device)[None, :]
-    allowed = torch.ones(t, s, dtype=torch.bool, device=q.device)
-    left, right = window if window is not None else (-1, -1)
-    if causal:
-        allowed &= key_pos <= query_pos
-    if left >= 0:
-        allowed &= key_pos >= query_pos - left
-    if right >= 0:
-        allowed &= key_pos <= query_pos + right
-    scores = scores.masked_fill(~allowed, -math.inf)
-    if sink is not None:
-        scores = torch.cat([scores, sink.float()[:, None, None].expand(heads, t, 1)], dim=-1)
-    probs = scores.softmax(dim=-1)[..., :s]
-    return torch.einsum("hts,shd->thd", probs, v.float()).to(q.dtype)
-
-
-def _flash_reference(
-    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, s_aux=None, **_
-):
-    """flash_attn_func on (B, T, H, D) rows."""
-    rows = [_attend(q[b], k[b], v[b], softmax_scale, causal, window_size, softcap, s_aux) for b in range(len(q))]
-    return torch.stack(rows)
-
-
-def _flash_varlen_reference(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    s_aux=None,
-    deterministic=False,
-    **_,
-):
-    """flash_attn_varlen_func: sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] of the (total, H, D) inputs."""
-    out = torch.empty_like(q)
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bounds_q) - 1):
-        (q0, q1), (k0, k1) = bounds_q[i : i + 2], bounds_k[i : i + 2]
-        out[q0:q1] = _attend(q[q0:q1], k[k0:k1], v[k0:k1], softmax_scale, causal, window_size, softcap, s_aux)
-    return out
-
-
-# The module state of transformers' flash-attention loader (modeling_flash_attention_utils), restored after a probe.
-_FLASH_STATE = (
-    "_lazy_imports",
-    "_loaded_implementation",
-    "_flash_fn",
-    "_flash_varlen_fn",
-    "_flash_with_kvcache_fn",
-    "_pad_fn",
-    "_unpad_fn",
-    "_process_flash_kwargs_fn",
-    "_process_with_kvcache_kwargs_fn",
-)
-
-
-@contextlib.contextmanager
-def _reference_flash_kernels() -> Iterator[None]:
-    """Make transformers' flash-attention path load the plain-torch kernels above, whatever is installed.
-
-    Only the kernels change: transformers still decides, from the attention mask and position_ids, whether to
-    call the padded, the varlen or the plain kernel. (If an upstream refactor renames this state, the probe
-    fails, and packing is refused rather than assumed.)
-    """
-    from transformers import modeling_flash_attention_utils as flash
-
-    saved = {name: getattr(flash, name) for name in _FLASH_STATE}
-
-    def load_reference(*args, **kwargs):
-        return _flash_reference, _flash_varlen_reference, None, flash._pad_input, flash._unpad_input
-
-    flash._lazy_imports = load_reference
-    flash._loaded_implementation = None  # the next call loads
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(flash, name, value)
-
-
-def _flex_reference(query, key, value, score_mod=None, block_mask=None, scale=None, **kwargs):
-    """torch's flex_attention on (B, H, T, D) inputs, computed densely: the block mask's mask_mod and the
-    score_mod evaluated at every (batch, head, query, key)."""
-    from torch.nn.attention.flex_attention import AuxOutput, create_mask
-
-    batch, heads, length, dim = query.shape
-    key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    scores = query.float() @ key.float().transpose(-1, -2) * (scale if scale is not None else dim**-0.5)
-    if score_mod is not None:
-        b, h, q, kv = (
-            torch.arange(n).view([-1 if i == j else 1 for j in range(4)]) for i, n in enumerate(scores.shape)
-        )
-        scores = score_mod(scores, b, h, q, kv)
-    if block_mask is not None:
-        allowed = create_mask(block_mask.mask_mod, batch, heads, length, key.shape[-2], device=query.device)
-        scores = scores.masked_fill(~allowed, -math.inf)
-    lse = scores.logsumexp(dim=-1)
-    out = ((scores - lse[..., None]).exp().nan_to_num(0.0) @ value.float()).to(query.dtype)  # no key: zeros
-    if kwargs.get("return_aux") is not None:
-        return out, AuxOutput(lse=lse)
-    return (out, lse) if kwargs.get("return_lse") else out
-
-
-@contextlib.contextmanager
-def _reference_flex_kernels() -> Iterator[None]:
-    """Make transformers' flex-attention path run uncompiled: its block masks built by torch's create_block_mask
-    without compiling, and `_flex_reference` as the kernel. Compiling both for the CPU takes tens of seconds.
-
-    transformers still builds the mask function (causal, packed sequences, sliding window, ...) that decides what
-    attends to what. (If an upstream refactor renames this state, the probe fails and packing is refused.)
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-    from transformers import masking_utils
-    from transformers.integrations import flex_attention as flex
-
-    saved = masking_utils.create_block_mask, flex.WrappedFlexAttention._instance
-    uncompiled = object.__new__(flex.WrappedFlexAttention)  # the singleton that holds the compiled kernel
-    uncompiled._is_flex_compiled, uncompiled.training = True, False  # probe models are in eval mode
-    uncompiled._compiled_flex_attention = _flex_reference
-    masking_utils.create_block_mask = lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
-    flex.WrappedFlexAttention._instance = uncompiled
-    try:
-        yield
-    finally:
-        masking_utils.create_block_mask, flex.WrappedFlexAttention._instance = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,14 +87,14 @@ CANNOT_CHECK = "cannot check it"
 def _run_on_tiny(model_class: type[nn.Module], config, probe: Callable[[nn.Module], str | None]) -> str | None:
     """`probe`'s verdict on the first tiny instance of `model_class` that builds and runs, or why none did."""
     implementation = _attn_implementation(config) or ""
-    if _is_flash(implementation):
-        kernels = _reference_flash_kernels()
+    if is_flash(implementation):
+        kernels = reference_flash_kernels()
     elif "flex_attention" in implementation:
-        kernels = _reference_flex_kernels()
+        kernels = reference_flex_kernels()
     else:
         kernels = contextlib.nullcontext()
     failures = []
-    with _one_thread(), kernels:
+    with one_thread(), kernels:
         for tiny in _tiny_configs(config):
             try:
                 model = tiny_model(model_class, tiny)
@@ -529,8 +149,8 @@ PACKED_ROW_LENGTH = 12
 def _probe_token_ids(config, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` random ids of ordinary tokens (no image, audio or other special token)."""
     special = set()
-    for c in _config_tree(config):
-        for key in _special_token_names(c.to_dict()):
+    for c in config_tree(config):
+        for key in special_token_names(c.to_dict()):
             value = getattr(c, key, None)
             special.update(value if isinstance(value, list) else [value])
     ordinary = torch.tensor([i for i in range(_text_config(config).vocab_size) if i not in special])
@@ -549,7 +169,7 @@ def _packed_batch(config, flatten: bool) -> dict[str, torch.Tensor]:
     examples = Dataset.from_dict({"input_ids": [x.tolist() for x in ids], "labels": [x.tolist() for x in ids]})
     rows = pack_examples(examples, PACKED_ROW_LENGTH).with_format(None)
     pad = getattr(_text_config(config), "pad_token_id", None)
-    collate = SFTCollator(pad_token_id=pad if _is_count(pad) else 0, flatten=flatten)
+    collate = SFTCollator(pad_token_id=pad if is_count(pad) else 0, flatten=flatten)
     return collate([dict(row) for row in rows])
 
 
@@ -599,7 +219,7 @@ def _packing_problem(model_class: type[nn.Module], config, flatten: bool) -> str
 
 def _with_attn_implementation(config, implementation: str):
     config = copy.deepcopy(config)
-    for c in _config_tree(config):
+    for c in config_tree(config):
         c._attn_implementation_internal = implementation
     return config
 
@@ -631,7 +251,7 @@ def check_packing_supported(model_or_config, rows_per_batch: int | None = None) 
     setting = f"model.attn_implementation={implementation}" if implementation else "the default attention"
     if getattr(_text_config(config), "is_causal", True) is False:
         problem += " (it runs bidirectional attention: is_causal=False)"
-    if _is_flash(implementation) and not flatten and _packing_problem(model_class, config, flatten=True) is None:
+    if is_flash(implementation) and not flatten and _packing_problem(model_class, config, flatten=True) is None:
         raise UserError(
             f"data.packing with {setting} on {model_class.__name__}: {problem}. transformers' flash-attention "
             "path separates packed examples only when a batch holds a single row (as the SFT recipe's collator "
@@ -691,7 +311,7 @@ def _chunked_loss_probe(model: nn.Module) -> str | None:
 def _logit_settings(config) -> str:
     """The config's settings named after logits that are on: a hint for the user, not the verdict."""
     found = []
-    for c in _config_tree(config):
+    for c in config_tree(config):
         for key, value in c.to_dict().items():
             if "logit" in key and value not in (None, False, 0, 1):
                 found.append(f"{key}={value}")
