@@ -123,14 +123,15 @@ class FakeMemory:
 
 @contextmanager
 def fake_device_memory(monkeypatch, budget: float = float("inf")):
-    """Run a recipe in-process under a FakeMemory: its model and optimizer counted, `auto` measuring it."""
-    import finetune.classify.data
+    """Run a recipe in-process under a FakeMemory: its model and optimizer counted, `auto` measuring it. (The recipe
+    is loaded inside: `helpers.recipe_main` executes it afresh, so it finds the patched functions.)"""
+    import finetune.classify.model
     import finetune.core.geometry
     import finetune.core.optim
 
     meter = FakeMemory(budget)
     load, build = finetune.classify.model.load_classifier, finetune.core.optim.build_optimizer
-    monkeypatch.setattr(finetune.classify.data, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
+    monkeypatch.setattr(finetune.classify.model, "load_classifier", lambda *a, **k: meter.add_model(load(*a, **k)))
     monkeypatch.setattr(finetune.core.optim, "build_optimizer", lambda *a, **k: meter.add_optimizer(build(*a, **k)))
     monkeypatch.setattr(finetune.core.geometry, "DeviceMemory", lambda device: meter)
     with meter.counting():

@@ -69,6 +69,7 @@ def make_accelerator(
         # DeepSpeed's CPU accelerator: without an explicit backend Accelerate sees a single process
         # while DeepSpeed starts gloo over all of them, and the batch-size assertion fails.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        skip_deepspeed_shm_comm()
     try:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
@@ -106,6 +107,23 @@ def make_accelerator(
     if accelerator.device.type == "cpu":
         torch.set_num_threads(train.cpu_threads or cpu_threads_per_process())
     return accelerator, geometry
+
+
+def skip_deepspeed_shm_comm() -> None:
+    """Start DeepSpeed's CPU backend without its shared-memory all-reduce op (`deepspeed_shm_comm`).
+
+    DeepSpeed JIT-compiles that op when it starts the process group (about 2.5 minutes on 2 cores, at a run's first
+    DeepSpeed start on the machine), for `inference_all_reduce` only (DeepSpeed inference and AutoTP); ZeRO training
+    reduces over gloo either way. DeepSpeed builds it only if its op probe, a dict kept for the process
+    (`deepspeed.ops.__compatible_ops__`), says the op can be built: marked as not, DeepSpeed leaves it out.
+    """
+    try:
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    except (ImportError, AttributeError, TypeError):  # another DeepSpeed: it may build the op, nothing else changes
+        pass
 
 
 def cpu_threads_per_process() -> int:

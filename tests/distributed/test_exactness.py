@@ -1,150 +1,16 @@
-"""k micro-batches of b train exactly like one batch of k*b: parameters after several optimizer steps,
-for a classifier and a causal LM on variable-length data, in one process and through the recipe in two."""
+"""Through the recipes, as users launch them: however the global batch is split into micro-batches, accumulation
+steps and processes (gloo), training ends at the same weights: recipes/classify.py (1 process x accumulation 4,
+1 process x big batch, 2 processes x accumulation 2) and recipes/sft.py (2 processes x micro-batch 2 x accumulation 2
+against 1 process x micro-batch 8: target tokens counted globally). The library pieces, in one process:
+tests/unit/test_exactness.py."""
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
-import torch
-from conftest import CLASSIFY, launch, read_jsonl, reset_accelerate_state
+from helpers import CLASSIFY, SFT, final_weights, launch, max_difference, read_jsonl, sft_args
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
-from finetune.core.config import build_config
-from finetune.core.schemas import TrainConfig
-from finetune.training.accumulation import (
-    IGNORE_INDEX,
-    accumulation_windows,
-    count_label_terms,
-    count_next_token_terms,
-    summed_classification_loss,
-    summed_next_token_loss,
-)
-from finetune.training.launch import make_accelerator
-
-# ---------------------------------------------------------------------------------------------
-# In one process: the library pieces the recipes use, against the big batch.
-# ---------------------------------------------------------------------------------------------
-
-
-def random_examples(n: int, vocab: int, seed: int) -> list[dict]:
-    """Token sequences of 3..16 tokens; causal-LM labels mask a prompt of 0..2 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for i in range(n):
-        length = int(torch.randint(3, 17, (1,), generator=g))
-        ids = torch.randint(5, vocab, (length,), generator=g)
-        labels = ids.clone()
-        labels[: int(torch.randint(0, 3, (1,), generator=g))] = IGNORE_INDEX
-        examples.append({"input_ids": ids, "lm_labels": labels, "class": i % 3})
-    return examples
-
-
-def collate(examples: list[dict], task: str) -> dict:
-    """Pad to the batch's longest (pad id 0, label -100), as the recipes' collator does."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    lm_labels = torch.full_like(ids, IGNORE_INDEX)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n], mask[row, :n], lm_labels[row, :n] = e["input_ids"], 1, e["lm_labels"]
-    labels = lm_labels if task == "lm" else torch.tensor([e["class"] for e in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def make_model(task: str, tiny_bert) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if task == "lm":
-        config = LlamaConfig(
-            vocab_size=40,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-        return LlamaForCausalLM(config)
-    return AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
-
-
-def train(task: str, tiny_bert, micro: int, k: int, optimizer: str, examples: list[dict]) -> list[torch.Tensor]:
-    """Parameters after training on `examples` in order, micro-batches of `micro`, accumulating `k`."""
-    reset_accelerate_state()
-    accelerator, _ = make_accelerator(build_config(TrainConfig, [("t", {"gradient_accumulation_steps": k})]))
-    model = make_model(task, tiny_bert)
-    opt = (
-        torch.optim.SGD(model.parameters(), lr=0.5)
-        if optimizer == "sgd"
-        else torch.optim.AdamW(model.parameters(), lr=1e-3)
-    )
-    model, opt = accelerator.prepare(model, opt)
-    batches = [collate(examples[i : i + micro], task) for i in range(0, len(examples), micro)]
-    count, summed = (
-        (count_next_token_terms, summed_next_token_loss)
-        if task == "lm"
-        else (count_label_terms, summed_classification_loss)
-    )
-    steps = 0
-    for batch, window in accumulation_windows(accelerator, batches, count):
-        with accelerator.accumulate(model):
-            labels = batch.pop("labels")
-            accelerator.backward(window.normalise(summed(model(**batch).logits, labels)))
-            if accelerator.sync_gradients:
-                opt.step()
-                opt.zero_grad()
-                steps += 1
-    assert steps == math.ceil(len(batches) / k)
-    return [p.detach().clone() for p in model.parameters()]
-
-
-# SGD: the update is the gradient times lr, so fp32 rounding of the gradient (~1e-5 relative, see
-# test_accumulation) stays ~1e-7 in the parameters. Adam divides each coordinate by its own RMS, so a
-# coordinate whose gradient is near zero turns rounding noise into a step of up to lr (1e-3) each time;
-# its bound is a few lr.
-BOUNDS = {"sgd": 1e-6, "adamw": 3e-3}
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("task", ["classify", "lm"])
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
-def test_parameters_after_accumulated_steps_equal_big_batch_steps(task, k, optimizer, tiny_bert):
-    # 26 examples in micro-batches of 2: 13 micro-batches, so k=2, 4, 8 end on a short window.
-    examples = random_examples(26, vocab=26 if task == "classify" else 40, seed=7)
-    accumulated = train(task, tiny_bert, micro=2, k=k, optimizer=optimizer, examples=examples)
-    big_batch = train(task, tiny_bert, micro=2 * k, k=1, optimizer=optimizer, examples=examples)
-    worst = max(float((a - b).abs().max()) for a, b in zip(accumulated, big_batch, strict=True))
-    assert worst <= BOUNDS[optimizer]
-
-
-def test_naive_division_by_k_gives_other_parameters(tiny_bert):
-    """Counter-check on the causal LM: mean loss per micro-batch / k moves the parameters elsewhere."""
-    examples = random_examples(26, vocab=40, seed=7)
-    reset_accelerate_state()
-    accelerator, _ = make_accelerator(build_config(TrainConfig, [("t", {"gradient_accumulation_steps": 4})]))
-    model = make_model("lm", tiny_bert)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model, opt = accelerator.prepare(model, opt)
-    for i in range(0, 26, 2):
-        batch = {name: tensor.to(accelerator.device) for name, tensor in collate(examples[i : i + 2], "lm").items()}
-        with accelerator.accumulate(model):
-            accelerator.backward(model(**batch).loss)  # HF mean loss; accelerate divides by k
-            if accelerator.sync_gradients:
-                opt.step()
-                opt.zero_grad()
-    naive = [p.detach().clone() for p in model.parameters()]
-    big_batch = train("lm", tiny_bert, micro=8, k=1, optimizer="sgd", examples=examples)
-    assert max(float((a - b).abs().max()) for a, b in zip(naive, big_batch, strict=True)) > 1e-3
-
-
-# ---------------------------------------------------------------------------------------------
-# Through the recipe, as users launch it: 1 process x accumulation 4, 1 process x big batch,
-# 2 processes x accumulation 2 (gloo). Same global batches, so the same weights.
-# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +24,6 @@ def tiny_bert_no_dropout(tmp_path_factory, tiny_bert):
     return path
 
 
-@pytest.mark.multiprocess
 def test_recipe_split_of_the_global_batch_does_not_change_training(tiny_bert_no_dropout, toy_data, tmp_path):
     common = [
         f"model.name_or_path={tiny_bert_no_dropout}",
@@ -201,3 +66,26 @@ def test_recipe_split_of_the_global_batch_does_not_change_training(tiny_bert_no_
         for r, ref in zip(records, logs["1 process, 16 x 1"], strict=True):
             assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
     assert any(r["grad_norm"] > 0.5 for r in logs["1 process, 16 x 1"]), "clipping never acted: test too weak"
+
+
+def test_sft_two_processes_train_like_one(tiny_lm, chat_data, tmp_path):
+    """2 processes x micro-batch 2 x accumulation 2 equals 1 process x micro-batch 8: tokens counted globally."""
+    common = [
+        "train.max_steps=3",
+        "train.global_batch_size=8",
+        "train.optimizer=sgd",
+        "train.lr=1.0",
+        "train.weight_decay=0",
+        "data.group_by_length=false",
+        "eval.num_generations=2",
+    ]
+    weights, logs = {}, {}
+    for name, (processes, micro) in {"one": (1, 8), "two": (2, 2)}.items():
+        out = tmp_path / name
+        args = sft_args(tiny_lm, chat_data, out, *common, f"train.micro_batch_size={micro}")
+        result = launch(SFT, args, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[name], logs[name] = final_weights(out), json.loads((out / "eval_results.json").read_text())
+    assert max_difference(weights["two"], weights["one"]) <= 2e-6
+    assert logs["two"]["tokens"] == logs["one"]["tokens"]  # every validation token counted once
+    assert logs["two"]["loss"] == pytest.approx(logs["one"]["loss"], rel=1e-5)

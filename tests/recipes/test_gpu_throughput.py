@@ -7,8 +7,7 @@ import re
 import subprocess
 import sys
 
-import pytest
-from conftest import REPO, keyword_rows, write_rows
+from helpers import REPO, keyword_rows, write_rows
 
 SCRIPT = REPO / "benchmarks" / "gpu_throughput.py"
 COLUMNS = [
@@ -23,7 +22,6 @@ COLUMNS = [
 MEASURED = re.compile(r"([\d,]+\.\d) \((\d+\.\d\d)x\)")  # examples/s (ratio to Trainer's best)
 
 
-@pytest.mark.recipe
 def test_smoke_fills_every_column(tiny_bert, tmp_path):
     """The plain loop and both Trainer columns (one worker process) and the recipe's length-grouped column (through
     `accelerate launch`) on the tests' tiny BERT: each has a positive rate in both tables and an accuracy; the

@@ -1,38 +1,27 @@
-"""`micro_batch_size: auto` under a memory budget that counts weights, gradients, optimizer state and
-activations (a fake allocator on CPU, tests/fake_memory.py), and recovering from an out-of-memory error in
-the middle of training."""
+"""`micro_batch_size: auto` through the recipe under a memory budget that counts weights, gradients, optimizer state
+and activations (a fake allocator on CPU, tests/fake_memory.py), and recovering from an out-of-memory error in
+the middle of training. (The pieces, in one process: tests/unit/test_memory.py.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.utils import DistributedType
-from conftest import reset_accelerate_state
 from fake_memory import FakeMemory, fake_device_memory
-from safetensors.torch import load_file
-from test_recipe_classify import recipe_main, toy_args
+from helpers import final_weights, recipe_main, reset_accelerate_state, toy_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from finetune.classify.collate import padding_collator
 from finetune.classify.data import load_classification_data, tokenize
+from finetune.classify.model import classification_loss
 from finetune.core.config import build_config
 from finetune.core.data import longest_batch
-from finetune.core.errors import UserError
-from finetune.core.memory import materialise_optimizer_state, rehearse_step
+from finetune.core.memory import rehearse_step
 from finetune.core.optim import build_optimizer
 from finetune.core.schemas import DataConfig
-from finetune.training.accumulation import Window, WindowBackward, summed_classification_loss
-
-
-def loss_fn(model, batch):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return summed_classification_loss(model(**inputs).logits, batch["labels"])
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +36,6 @@ def wide_bert(tiny_bert, tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(path)
     return path
-
-
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_materialised_optimizer_state_changes_no_step(kind, tiny_bert):
-    """Allocating AdamW's state before the first step (to measure it) leaves every later step bitwise the same."""
-
-    def train(materialise: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
-        optimizer = build_optimizer(model, 1e-3, 0.01, kind)
-        if materialise:
-            materialise_optimizer_state(optimizer)
-            if kind == "adamw":
-                assert all(len(optimizer.state[p]) >= 3 for p in model.parameters())  # step, exp_avg, exp_avg_sq
-        for step in range(3):
-            inputs = torch.randint(5, 20, (4, 7), generator=torch.Generator().manual_seed(step))
-            loss_fn(model, {"input_ids": inputs, "labels": torch.tensor([0, 1, 2, 0])}).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        return [p.detach().clone() for p in model.parameters()]
-
-    for a, b in zip(train(True), train(False), strict=True):
-        assert torch.equal(a, b)
 
 
 def wide_args(wide_bert: Path, toy_data: dict, out: Path, *extra: str) -> list[str]:
@@ -93,11 +59,11 @@ def test_auto_chooses_a_micro_batch_whose_whole_step_fits_the_budget(
     model.train()
     optimizer = meter.add_optimizer(build_optimizer(model, 1e-3, 0.01))
     with meter.counting():
-        loss_fn(model, batch).backward()
+        classification_loss(model, batch).backward()
         forward_backward = meter.peak()
         model.zero_grad(set_to_none=True)
         meter.reset_peak()
-        rehearse_step(model, optimizer, loss_fn, batch, micro_batches=1)
+        rehearse_step(model, optimizer, classification_loss, batch, micro_batches=1)
         whole_step = meter.peak()
     state_bytes = 2 * sum(p.nbytes for p in model.parameters())
     assert whole_step >= forward_backward + state_bytes
@@ -115,10 +81,6 @@ def test_auto_chooses_a_micro_batch_whose_whole_step_fits_the_budget(
     assert "out of memory" not in log and 0 < meter.run_peak <= budget
     assert json.loads((out / "eval_results.json").read_text())["step"] == 6
     reset_accelerate_state()
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "final" / "model.safetensors")
 
 
 def test_out_of_memory_in_the_middle_of_training_recovers_with_the_same_result(
@@ -150,19 +112,3 @@ def test_out_of_memory_in_the_middle_of_training_recovers_with_the_same_result(
     assert results[0]["step"] == results[1]["step"] == 6
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-5)
     reset_accelerate_state()
-
-
-def test_out_of_memory_with_several_processes_stops_with_what_to_set():
-    def out_of_memory(model, batch):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-
-    accelerator = SimpleNamespace(
-        num_processes=2,
-        distributed_type=DistributedType.MULTI_GPU,
-        gradient_accumulation_steps=1,
-        device=torch.device("cpu"),
-        accumulate=lambda model: contextlib.nullcontext(),
-    )
-    window = Window(batches=[{"labels": torch.zeros(8, dtype=torch.long)}], num_loss_terms=16)
-    with pytest.raises(UserError, match=r"micro-batch of 8 .* train.micro_batch_size below 8"):
-        WindowBackward(accelerator, out_of_memory)(torch.nn.Linear(1, 1), window)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -12,36 +11,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (
+from helpers import (
     CLASSIFY,
     REPO,
     assert_tensorboard_matches_metrics_log,
     keyword_rows,
     launch,
     read_jsonl,
+    recipe_main,
+    run_bad,
+    toy_args,
     write_rows,
 )
-
-pytestmark = pytest.mark.recipe
-
-
-def toy_args(tiny_bert: Path, toy_data: dict, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={tiny_bert}",
-        f"data.train={toy_data['train']}",
-        f"data.validation={toy_data['validation']}",
-        "data.max_length=32",
-        "train.epochs=8",
-        "train.micro_batch_size=8",
-        "train.gradient_accumulation_steps=2",
-        "train.lr=3e-3",
-        "train.warmup_steps=3",
-        "eval.every_n_steps=20",
-        "eval.batch_size=8",
-        "logging.every_n_steps=5",
-        f"output.dir={output_dir}",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -151,22 +132,6 @@ def test_the_model_cards_command_reproduces_the_run(finished_run: Path, tmp_path
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit code 2, a message naming the key or file, no traceback, nothing written.
 # ---------------------------------------------------------------------------------------------
-
-
-def recipe_main():
-    spec = importlib.util.spec_from_file_location("classify_recipe", CLASSIFY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def run_bad(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        recipe_main()(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err
 
 
 def test_bad_inputs_exit_2_before_writing(tiny_bert, toy_data, tmp_path, capsys, monkeypatch):

@@ -1,105 +1,33 @@
-"""recipes/sft.py end to end on a tiny random LLaMA: outputs, exact accumulation by target tokens (1 and 2
-processes), packing, resume, bad input."""
+"""recipes/sft.py end to end on a tiny random LLaMA: outputs, exact accumulation by target tokens, packing, resume,
+bad input. (Two processes training like one: tests/distributed/test_exactness.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import random
 import re
 import shutil
-import string
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch, read_jsonl, reset_accelerate_state, write_rows
-from safetensors.torch import load_file
-from test_lm_data import make_tokenizer
-
-pytestmark = pytest.mark.recipe
-SFT = REPO / "recipes" / "sft.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A 2-layer LLaMA config (no weights: model.random_init) and a character tokenizer with a chat template."""
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = make_tokenizer()
-    tokenizer.save_pretrained(path)
-    LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    ).save_pretrained(path)
-    return path
-
-
-def chats(n: int, seed: int) -> list[dict]:
-    """Reverse a word: prompts of different lengths, so the masked prompt tokens differ per example."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7)))
-        system = [{"role": "system", "content": "Answer briefly."}] if rng.random() < 0.5 else []
-        user = {"role": "user", "content": f"reverse {word}" + " please" * rng.randint(0, 2)}
-        rows.append({"messages": [*system, user, {"role": "assistant", "content": word[::-1]}]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("chat_data")
-    return {
-        "train": write_rows(root / "train.jsonl", chats(48, seed=0)),
-        "validation": write_rows(root / "validation.jsonl", chats(12, seed=1)),
-    }
-
-
-def sft_args(tiny_lm: Path, data: dict, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={tiny_lm}",
-        "model.random_init=true",
-        f"data.train={data['train']}",
-        f"data.validation={data['validation']}",
-        "data.max_length=64",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=null",
-        "train.lr=3e-3",
-        "train.warmup_steps=0",
-        "train.lr_scheduler=linear",
-        "eval.every_n_steps=null",
-        "checkpoint.every_n_steps=null",
-        "eval.batch_size=8",
-        "eval.num_generations=3",
-        "eval.max_new_tokens=8",
-        "logging.every_n_steps=1",
-        f"output.dir={output_dir}",
-        *extra,
-    ]
-
-
-def recipe_main():
-    reset_accelerate_state()
-    spec = importlib.util.spec_from_file_location("sft_recipe", SFT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+from helpers import (
+    REPO,
+    SFT,
+    chats,
+    final_weights,
+    max_difference,
+    read_jsonl,
+    recipe_main,
+    reset_accelerate_state,
+    run_bad,
+    sft_args,
+    write_rows,
+)
 
 
 def test_run_writes_a_generating_model_eval_metrics_and_generations(tiny_lm, chat_data, tmp_path, capsys):
     out = tmp_path / "run"
-    recipe_main()(sft_args(tiny_lm, chat_data, out, "train.epochs=2", "eval.every_n_steps=6"))
+    recipe_main(SFT)(sft_args(tiny_lm, chat_data, out, "train.epochs=2", "eval.every_n_steps=6"))
     stdout = capsys.readouterr().out
     assert "done: " in stdout
     results = json.loads((out / "eval_results.json").read_text())
@@ -133,7 +61,7 @@ def test_dry_run_reports_rows_steps_parameters_and_memory_without_writing(tiny_l
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = tmp_path / "run"
-    recipe_main()(sft_args(tiny_lm, chat_data, out, "train.epochs=2", "data.packing=true", "--dry-run"))
+    recipe_main(SFT)(sft_args(tiny_lm, chat_data, out, "train.epochs=2", "data.packing=true", "--dry-run"))
     printed = capsys.readouterr().out
     assert not out.exists(), "a dry run writes nothing"
     assert "train: 48 examples: 48 kept (0 truncated to 64 tokens)" in printed
@@ -145,15 +73,6 @@ def test_dry_run_reports_rows_steps_parameters_and_memory_without_writing(tiny_l
     assert f"parameters: {total:,}, {total:,} trainable (100.00%)" in printed
     longest = int(re.search(r"peak memory per process at micro-batch 4 x (\d+) tokens \(estimate\)", printed).group(1))
     assert 50 < longest <= 64  # the longest packed row
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "final" / "model.safetensors")
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def test_accumulated_and_chunked_and_packed_windows_train_like_one_big_batch(tiny_lm, chat_data, tmp_path, capsys):
@@ -178,7 +97,7 @@ def test_accumulated_and_chunked_and_packed_windows_train_like_one_big_batch(tin
         out = tmp_path / name.replace(" ", "_").replace(",", "")
         if "packed" in name:  # as many micro-batches as packed rows: all of them in one window
             extra = [*extra, "train.gradient_accumulation_steps=48"]
-        recipe_main()(sft_args(tiny_lm, chat_data, out, *common, *extra))
+        recipe_main(SFT)(sft_args(tiny_lm, chat_data, out, *common, *extra))
         weights[name] = final_weights(out)
     capsys.readouterr()
     reference = weights["48 x 1, plain loss"]
@@ -197,51 +116,18 @@ def fresh_weights(tiny_lm: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.multiprocess
-def test_two_processes_train_like_one(tiny_lm, chat_data, tmp_path):
-    """2 processes x micro-batch 2 x accumulation 2 equals 1 process x micro-batch 8: tokens counted globally."""
-    common = [
-        "train.max_steps=3",
-        "train.global_batch_size=8",
-        "train.optimizer=sgd",
-        "train.lr=1.0",
-        "train.weight_decay=0",
-        "data.group_by_length=false",
-        "eval.num_generations=2",
-    ]
-    weights, logs = {}, {}
-    for name, (processes, micro) in {"one": (1, 8), "two": (2, 2)}.items():
-        out = tmp_path / name
-        args = sft_args(tiny_lm, chat_data, out, *common, f"train.micro_batch_size={micro}")
-        result = launch(SFT, args, processes=processes)
-        assert result.returncode == 0, result.stderr[-3000:]
-        weights[name], logs[name] = final_weights(out), json.loads((out / "eval_results.json").read_text())
-    assert max_difference(weights["two"], weights["one"]) <= 2e-6
-    assert logs["two"]["tokens"] == logs["one"]["tokens"]  # every validation token counted once
-    assert logs["two"]["loss"] == pytest.approx(logs["one"]["loss"], rel=1e-5)
-
-
 def test_resume_from_a_checkpoint_is_bitwise_equal(tiny_lm, chat_data, tmp_path, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = ["train.max_steps=6", "checkpoint.every_n_steps=3", "eval.num_generations=0", "data.packing=true"]
-    recipe_main()(sft_args(tiny_lm, chat_data, full, *args))
+    recipe_main(SFT)(sft_args(tiny_lm, chat_data, full, *args))
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "final")
     (resumed / "eval_results.json").unlink()
     shutil.rmtree(resumed / "checkpoints" / "step_000006", ignore_errors=True)
-    recipe_main()(sft_args(tiny_lm, chat_data, resumed, *args, "train.resume_from=latest"))
+    recipe_main(SFT)(sft_args(tiny_lm, chat_data, resumed, *args, "train.resume_from=latest"))
     assert "resumed from" in capsys.readouterr().out
     assert max_difference(final_weights(resumed), final_weights(full)) == 0.0
     reset_accelerate_state()
-
-
-def run_bad(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        recipe_main()(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err
 
 
 def test_bad_input_is_refused_before_the_model_loads(tiny_lm, chat_data, tmp_path, capsys):
@@ -251,14 +137,43 @@ def test_bad_input_is_refused_before_the_model_loads(tiny_lm, chat_data, tmp_pat
     config.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
-    err = run_bad(sft_args(no_template, chat_data, tmp_path / "a"), capsys)
+    err = run_bad(sft_args(no_template, chat_data, tmp_path / "a"), capsys, SFT)
     assert "data.chat_template" in err
-    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "b", "data.format=prompt_completion"), capsys)
+    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "b", "data.format=prompt_completion"), capsys, SFT)
     assert "data.prompt_column" in err or "completion" in err
-    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "c", "data.max_length=100000"), capsys)
+    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "c", "data.max_length=100000"), capsys, SFT)
     assert "data.max_length" in err
     for name in "abc":
         assert not (tmp_path / name).exists(), "a refused run wrote its output dir"
+
+
+def test_bad_data_with_no_example_left_after_tokenizing_is_refused_before_the_model_loads(
+    tiny_lm, chat_data, tmp_path, capsys, monkeypatch
+):
+    import finetune.core.modeling
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(finetune.core.modeling, "load_causal_lm", no_model)
+    # Every training chat is longer than 8 tokens: all dropped with too_long=drop.
+    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "a", "data.max_length=8", "data.too_long=drop"), capsys, SFT)
+    assert err.startswith("error: train: no example left") and "all 48 were dropped, 48 longer than" in err
+    assert "data.max_length" in err and "data.too_long=truncate" in err
+    # Cut to 8 tokens instead, no chat has an assistant token left: no target.
+    err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "b", "data.max_length=8"), capsys, SFT)
+    assert err.startswith("error: train: no example left") and "48 with no target token" in err
+    assert "data.max_length" in err and "data.train_on_prompt=true" in err
+    # Training chats fit, validation chats do not.
+    long_chats = [
+        {**row, "messages": [{"role": "user", "content": "x" * 100}, *row["messages"][-1:]]} for row in chats(5, 2)
+    ]
+    data = {**chat_data, "validation": write_rows(tmp_path / "long.jsonl", long_chats)}
+    err = run_bad(sft_args(tiny_lm, data, tmp_path / "c", "data.too_long=drop"), capsys, SFT)
+    assert err.startswith("error: validation: no example left") and "all 5 were dropped, 5 longer than" in err
+    for name in "abc":
+        assert not (tmp_path / name).exists(), "a refused run wrote its output dir"
+    reset_accelerate_state()
 
 
 def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
@@ -272,7 +187,7 @@ def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
         "eval.every_n_steps=null",
         "checkpoint.every_n_steps=null",
     ]
-    recipe_main()(["--config", str(demo), *overrides, f"output.dir={out}"])
+    recipe_main(SFT)(["--config", str(demo), *overrides, f"output.dir={out}"])
     assert "done" in capsys.readouterr().out
     results = json.loads((out / "eval_results.json").read_text())
     assert results["step"] == 3 and "exact_match" in results and results["tokens"] > 0
@@ -282,7 +197,9 @@ def test_the_offline_demo_config_runs_from_its_shipped_files(tmp_path, capsys):
 
 def test_lora_run_saves_a_merged_generating_model_and_its_adapter(tiny_lm, chat_data, tmp_path, capsys):
     out = tmp_path / "lora"
-    recipe_main()(sft_args(tiny_lm, chat_data, out, "lora.enabled=true", "train.max_steps=2", "eval.num_generations=0"))
+    recipe_main(SFT)(
+        sft_args(tiny_lm, chat_data, out, "lora.enabled=true", "train.max_steps=2", "eval.num_generations=0")
+    )
     assert "trainable" in capsys.readouterr().out
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
     merged = final_weights(out)

@@ -1,4 +1,6 @@
-"""A regression head (one output, float labels, MSE): data, model, metrics, the recipe and finetune-eval."""
+"""A regression head through the recipe and finetune-eval: it learns the scores, scores in pipeline and finetune-eval
+as in training, ranks a run's models by its metric, and a peft adapter dir is scored with its adapter. (Data, model and
+metrics, in one process: tests/unit/test_regression.py.)"""
 
 from __future__ import annotations
 
@@ -9,19 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASSIFY, KEYWORDS, keyword_rows, launch, read_jsonl, reset_accelerate_state, write_rows
-from datasets import Dataset
-from scipy import stats
-from sklearn import metrics as skm
+from helpers import CLASSIFY, KEYWORDS, keyword_rows, launch, read_jsonl, reset_accelerate_state, write_rows
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
-from finetune.classify.data import load_classification_data
-from finetune.classify.evaluate import Predictions, classification_metrics
 from finetune.classify.model import load_classifier
-from finetune.core.config import build_config
-from finetune.core.errors import UserError
-from finetune.core.schemas import DataConfig, ModelConfig
-from finetune.scoring import main as score_main
+from finetune.core.schemas import ModelConfig
+from finetune.eval import main as score_main
 
 
 def scored_rows(n: int, seed: int) -> list[dict]:
@@ -33,110 +28,10 @@ def scored_rows(n: int, seed: int) -> list[dict]:
     ]
 
 
-def regression_config(**values) -> DataConfig:
-    return build_config(DataConfig, [("test", {"task": "regression", "label_column": "score", **values})])
-
-
 def score(args: list[str]) -> None:
     """finetune-eval in this process (a fresh Accelerate state each time)."""
     reset_accelerate_state()
     score_main(args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def test_scores_are_float32_and_the_validation_split_is_plain_random(tmp_path):
-    rows = [{"text": f"text {i}", "score": i / 7} for i in range(50)]  # all distinct: nothing to stratify by
-    cfg = regression_config(train=str(write_rows(tmp_path / "t.jsonl", rows)), validation_fraction=0.2, split_seed=3)
-    data = load_classification_data(cfg)
-    assert data.task == "regression" and data.label_names == [] and data.num_outputs == 1
-    assert data.train.features["label"].dtype == "float32"
-    plain = Dataset.from_list(rows).train_test_split(test_size=0.2, seed=3)
-    assert data.validation["text"] == plain["test"]["text"]
-    assert data.validation["label"] == pytest.approx([r["score"] for r in plain["test"]], abs=1e-6)
-    other = load_classification_data(regression_config(train=cfg.train, validation_fraction=0.2, split_seed=4))
-    assert other.validation["text"] != data.validation["text"]
-
-
-def test_int_scores_and_a_validation_file(tmp_path):
-    train = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i % 5} for i in range(10)])
-    val = write_rows(tmp_path / "v.csv", [{"text": "a", "score": 2.5}, {"text": "b", "score": -1}])
-    data = load_classification_data(regression_config(train=str(train), validation=str(val)))
-    assert data.train["label"][:5] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert data.validation["label"] == [2.5, -1.0]
-    assert data.validation.features["label"].dtype == "float32"
-
-
-@pytest.mark.parametrize(
-    ("scores", "found"), [(["high", "low"], "found string values such as 'high'"), ([True, False], "found bool")]
-)
-def test_labels_that_are_not_numbers_are_refused(tmp_path, scores, found):
-    path = write_rows(tmp_path / "t.jsonl", [{"text": f"t{i}", "score": s} for i, s in enumerate(scores * 3)])
-    with pytest.raises(UserError) as err:
-        load_classification_data(regression_config(train=str(path)))
-    message = str(err.value)
-    assert f"data.train ({path}): data.label_column='score' must hold numbers for data.task=regression" in message
-    assert found in message
-
-
-def test_a_validation_file_with_text_scores_is_refused(tmp_path):
-    train = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i / 3} for i in range(6)])
-    val = write_rows(tmp_path / "v.csv", [{"text": "a", "score": "high"}])
-    with pytest.raises(UserError, match=r"data.validation \(.*v.csv\): data.label_column='score' must hold numbers"):
-        load_classification_data(regression_config(train=str(train), validation=str(val)))
-
-
-def test_label_names_are_a_config_problem_for_regression(tmp_path):
-    path = write_rows(tmp_path / "t.csv", [{"text": f"t{i}", "score": i / 3} for i in range(6)])
-    with pytest.raises(UserError, match=r"data.label_names=\['low', 'high'\]: a regression head has one output"):
-        load_classification_data(regression_config(train=str(path), label_names=["low", "high"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Model and metrics
-# ---------------------------------------------------------------------------------------------
-
-
-def test_regression_head_has_one_output_and_pipeline_returns_its_raw_score(tiny_bert, tmp_path):
-    cfg = ModelConfig(name_or_path=str(tiny_bert))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    torch.manual_seed(0)
-    model = load_classifier(cfg, [], tokenizer, task="regression")
-    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
-    with torch.no_grad():
-        model.classifier.bias.fill_(3.0)  # scores well outside (0, 1): a sigmoid would show
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    texts = ["the red apple", "a big bus", "my cat"]
-    with torch.no_grad():
-        logits = model.eval()(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
-    assert logits.abs().max() > 1
-    outputs = pipeline("text-classification", model=str(tmp_path / "m"), device="cpu")(texts)
-    assert [o["label"] for o in outputs] == ["score"] * 3
-    assert [o["score"] for o in outputs] == pytest.approx(logits.tolist(), abs=1e-5)
-    classifier = load_classifier(cfg, ["a", "b"], tokenizer)
-    assert classifier.config.num_labels == 2 and classifier.config.problem_type is None
-
-
-def test_regression_metrics_equal_scipy_and_scikit_learn():
-    rng = np.random.default_rng(1)
-    gold = rng.normal(size=53).astype(np.float32)
-    logits = (gold + rng.normal(scale=0.7, size=53)).astype(np.float32)[:, None]
-    results = classification_metrics(Predictions(logits, gold), ["pearson", "spearman", "mse"])
-    predicted = logits[:, 0].astype(np.float64)
-    assert results["pearson"] == pytest.approx(stats.pearsonr(predicted, gold).statistic, abs=1e-12)
-    assert results["spearman"] == pytest.approx(stats.spearmanr(predicted, gold).statistic, abs=1e-12)
-    assert results["mse"] == pytest.approx(skm.mean_squared_error(gold, predicted), abs=1e-12)
-    assert results["loss"] == pytest.approx(results["mse"], abs=1e-12)
-    assert results["num_examples"] == 53
-
-
-# ---------------------------------------------------------------------------------------------
-# The recipe and finetune-eval, end to end
-# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +66,6 @@ def regression_run(tiny_bert, regression_data, tmp_path_factory) -> Path:
     return output_dir
 
 
-@pytest.mark.recipe
 def test_recipe_learns_the_scores(regression_run, regression_data):
     results = json.loads((regression_run / "eval_results.json").read_text())
     assert {"pearson", "spearman", "mse", "loss"} <= set(results) and "accuracy" not in results
@@ -187,7 +81,6 @@ def test_recipe_learns_the_scores(regression_run, regression_data):
     assert config.num_labels == 1 and config.problem_type == "regression" and config.id2label == {0: "score"}
 
 
-@pytest.mark.recipe
 def test_final_model_scores_in_pipeline_and_finetune_eval_as_in_training(regression_run):
     score([str(regression_run / "final")])
     eval_dir = regression_run / "final" / "eval"
@@ -208,7 +101,6 @@ def test_final_model_scores_in_pipeline_and_finetune_eval_as_in_training(regress
     assert [o["score"] for o in outputs] == pytest.approx([r["predicted"] for r in rows[:5]], abs=1e-4)
 
 
-@pytest.mark.recipe
 def test_run_leaderboard_follows_the_saved_metric_for_best(regression_run, tmp_path):
     """A second model with its head's sign flipped; the run's config says mse (lower is better) picks the best."""
     import shutil
@@ -232,7 +124,6 @@ def test_run_leaderboard_follows_the_saved_metric_for_best(regression_run, tmp_p
     assert (run / "eval" / "leaderboard.csv").read_text().startswith("model,step,pearson,spearman,mse,loss,best")
 
 
-@pytest.mark.recipe
 def test_other_data_with_and_without_scores(regression_run, tmp_path):
     labelled = write_rows(tmp_path / "l.jsonl", [{"s": "apple pear", "y": 1}, {"s": "a bus", "y": 0.0}])
     args = ["data.text_column=s", "data.label_column=y", f"output.dir={tmp_path / 'l'}"]
@@ -246,7 +137,6 @@ def test_other_data_with_and_without_scores(regression_run, tmp_path):
     assert "mse" not in json.loads((tmp_path / "p" / "eval_results.json").read_text())
 
 
-@pytest.mark.recipe
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -260,11 +150,6 @@ def test_bad_input_for_a_regression_model(regression_run, regression_data, extra
         score(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------
-# A LoRA checkpoint: a peft adapter dir, no merged weights
-# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_config", [False, True], ids=["adapter-only", "adapter+config.json"])

@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, free_port, read_jsonl, reset_accelerate_state, write_rows
+from helpers import REPO, free_port, read_jsonl, recipe_main, reset_accelerate_state, toy_args, write_rows
 from safetensors.torch import load_file, save_file
-from test_recipe_classify import recipe_main, toy_args
 from transformers import AutoTokenizer
 
-from finetune.scoring import leaderboard
-from finetune.scoring import main as score_main
+from finetune.eval import leaderboard
+from finetune.eval import main as score_main
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +130,41 @@ def test_lora_checkpoint_of_a_run_is_scored_with_the_runs_labels(run_dir, tiny_b
     assert list(rows[0]["probabilities"]) == ["animal", "fruit", "vehicle"]
 
 
+def test_lora_runs_adapter_dirs_hold_their_labels_and_final_adapter_is_scored_from_them(
+    tiny_bert, toy_data, tmp_path, capsys
+):
+    """A LoRA run writes config.json (the head's labels) beside every adapter: a checkpoint's model/ and
+    final/adapter/, which then scores on its own (no run dir, no training data to rebuild the labels from) as the
+    merged final/ does."""
+    out = tmp_path / "lora"
+    extra = (
+        "lora.enabled=true",
+        "lora.target_modules=[query,value]",
+        "train.lr=1e-2",
+        "train.max_steps=6",
+        "checkpoint.every_n_steps=3",
+    )
+    recipe_main()(toy_args(tiny_bert, toy_data, out, *extra))
+    labels = {"0": "animal", "1": "fruit", "2": "vehicle"}
+    for adapter in (out / "final" / "adapter", out / "checkpoints" / "step_000003" / "model"):
+        config = json.loads((adapter / "config.json").read_text())
+        assert config["id2label"] == labels and config["label2id"] == {v: int(k) for k, v in labels.items()}
+        assert config["architectures"] == ["BertForSequenceClassification"]
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer_config.json").is_file()
+    assert not (out / "final" / "config.yaml").exists()  # final/adapter/ is no model of a run: no data to name labels
+
+    data = f"data.validation={toy_data['validation']}"
+    score([str(out / "final" / "adapter"), data, f"output.dir={tmp_path / 'adapter'}"], capsys)
+    score([str(out / "final"), data, f"output.dir={tmp_path / 'merged'}"], capsys)
+    adapter_rows, merged_rows = (read_jsonl(tmp_path / d / "predictions.jsonl") for d in ("adapter", "merged"))
+    assert len(adapter_rows) == 37 and list(adapter_rows[0]["probabilities"]) == ["animal", "fruit", "vehicle"]
+    assert [r["predicted"] for r in adapter_rows] == [r["predicted"] for r in merged_rows]
+    adapter_p = [p for r in adapter_rows for p in r["probabilities"].values()]
+    assert adapter_p == pytest.approx([p for r in merged_rows for p in r["probabilities"].values()], abs=1e-4)
+    results = json.loads((tmp_path / "adapter" / "eval_results.json").read_text())
+    assert results["accuracy"] == json.loads((out / "eval_results.json").read_text())["accuracy"]
+
+
 def test_leaderboard_order_by_metric_direction_and_nan_last():
     rows = [{"model": "a", "pearson": 0.5, "mse": 0.4}, {"model": "b", "pearson": float("nan"), "mse": 0.9}]
     rows.append({"model": "c", "pearson": 0.9, "mse": 0.2})
@@ -178,7 +212,7 @@ def test_two_processes_score_every_example_once(run_dir, tmp_path):
         "--main_process_port",
         str(free_port()),
         "-m",
-        "finetune.scoring",
+        "finetune.eval",
         str(run_dir / "final"),
         "eval.batch_size=4",
         f"output.dir={tmp_path / 'two'}",

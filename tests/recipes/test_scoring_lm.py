@@ -7,11 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_jsonl, reset_accelerate_state
-from test_recipe_sft import chat_data, recipe_main, sft_args, tiny_lm  # noqa: F401 (fixtures)
+from helpers import SFT, read_jsonl, recipe_main, reset_accelerate_state, sft_args
 
-from finetune.scoring import CAUSAL_LM, CLASSIFIER, model_kind
-from finetune.scoring import main as score_main
+from finetune.eval import CAUSAL_LM, CLASSIFIER, model_kind
+from finetune.eval import main as score_main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,11 +23,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def lm_run(tiny_lm, chat_data, tmp_path_factory, one_thread):  # noqa: F811
+def lm_run(tiny_lm, chat_data, tmp_path_factory, one_thread):
     """A 2-step SFT run (model.random_init): checkpoints/step_000001 and final/."""
     out = tmp_path_factory.mktemp("lm_scored") / "run"
     args = ["train.max_steps=2", "checkpoint.every_n_steps=1", "eval.num_generations=0", "train.cpu_threads=1"]
-    recipe_main()(sft_args(tiny_lm, chat_data, out, *args))
+    recipe_main(SFT)(sft_args(tiny_lm, chat_data, out, *args))
     reset_accelerate_state()
     return out
 
@@ -71,7 +70,7 @@ def test_checkpoint_dir_with_the_runs_targets_or_every_token(lm_run, tmp_path, c
     assert not (tmp_path / "a" / "generations.jsonl").exists()
 
 
-def test_adapter_is_scored_on_its_base_model(lm_run, chat_data, tmp_path, capsys):  # noqa: F811
+def test_adapter_is_scored_on_its_base_model(lm_run, chat_data, tmp_path, capsys):
     """A peft adapter outside any run: base model from adapter_config.json, max_length from its tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import keyword_rows, reset_accelerate_state, write_rows
+from helpers import keyword_rows, reset_accelerate_state, write_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from finetune.classify.collate import padding_collator

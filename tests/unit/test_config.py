@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import pytest
@@ -12,14 +12,32 @@ from finetune.core.config import (
     build_config,
     closest_key,
     coerce,
+    config_to_dict,
     format_help,
     load_config,
     option,
     parse_argv,
     save_config,
+    schema_keys,
 )
 from finetune.core.errors import ConfigError, UserError
-from finetune.core.schemas import ClassifyConfig
+from finetune.core.schemas import (
+    ClassifyConfig,
+    DataConfig,
+    DataSourceConfig,
+    ModelConfig,
+    OutputConfig,
+    ScoreConfig,
+    ScoreLMConfig,
+    ScoreLMModelConfig,
+    SFTConfig,
+    SFTDataConfig,
+    SFTModelConfig,
+    SFTOutputConfig,
+    SFTTrainConfig,
+    TrainConfig,
+    inherited,
+)
 
 
 @dataclass
@@ -194,3 +212,96 @@ def test_classify_checkpoint_and_metric_checks():
     assert "eval.metric_for_best='f1_weighted' must be one of eval.metrics ['accuracy', 'f1_macro']" in problems
     regression = load_config(ClassifyConfig, ["data.task=regression"])
     assert regression.resolved_metrics() == ["pearson", "spearman", "mse"] and regression.metric_for_best() == "pearson"
+
+
+@dataclass
+class Base:
+    """Base group."""
+
+    name: str = option("a", "the name")
+    share: float = option(0.1, "a share", gt=0, lt=1)
+    seed: int = option(1, "the seed")
+
+
+@dataclass
+class Derived(Base):
+    """Derived group."""
+
+    share: float = inherited(Base, "share", 0.5)
+    extra: bool = option(False, "an extra key")
+    name: str = inherited(Base, "name", help="another name")
+
+
+@dataclass
+class WithDerived:
+    group: Derived = field(default_factory=Derived)
+
+
+def test_a_subclass_group_overrides_defaults_and_docs_in_the_base_order():
+    """A re-declared field keeps its place, the base's bounds and (unless given) its doc; new keys come last."""
+    keys = schema_keys(Derived)
+    assert list(keys) == ["name", "share", "seed", "extra"]
+    assert (keys["name"].default, keys["name"].help) == ("a", "another name")
+    assert (keys["share"].default, keys["share"].help, keys["share"].bounds) == (0.5, "a share", {"gt": 0, "lt": 1})
+    assert list(config_to_dict(Derived())) == ["name", "share", "seed", "extra"]
+    text = format_help(WithDerived)
+    assert "group: Derived group." in text
+    assert "  group.share  (float, default: 0.5)\n      a share" in text
+    with pytest.raises(ConfigError, match=r"group.share \(command line\): must be < 1"):
+        load_config(WithDerived, ["group.share=2"])
+
+
+def test_recipe_and_scorer_groups_extend_the_shared_groups():
+    """One chain: the SFT and finetune-eval groups subclass the shared ones, keeping their own defaults and docs."""
+    assert issubclass(ScoreLMModelConfig, SFTModelConfig) and issubclass(SFTModelConfig, ModelConfig)
+    assert issubclass(DataConfig, DataSourceConfig) and issubclass(SFTDataConfig, DataSourceConfig)
+    assert issubclass(SFTTrainConfig, TrainConfig) and issubclass(SFTOutputConfig, OutputConfig)
+    assert ScoreConfig.__dataclass_fields__["data"].default_factory is DataConfig
+    assert ScoreLMConfig.__dataclass_fields__["data"].default_factory is SFTDataConfig
+    shared = [f.name for f in fields(DataSourceConfig)]
+    for group in (DataConfig, SFTDataConfig):
+        assert [f.name for f in fields(group)][: len(shared)] == shared  # the shared keys first, in one order
+    sft = schema_keys(SFTConfig)
+    assert sft["model.name_or_path"].default == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert sft["model.name_or_path"].help == schema_keys(ClassifyConfig)["model.name_or_path"].help
+    assert sft["data.validation_fraction"].default == 0.05 and sft["data.validation_fraction"].bounds == {
+        "gt": 0,
+        "lt": 1,
+    }
+    assert sft["data.split_seed"].help == "seed of the random train/validation split"
+    assert list(schema_keys(SFTModelConfig)) == [
+        "name_or_path",
+        "revision",
+        "trust_remote_code",
+        "random_init",
+        "attn_implementation",
+    ]
+    scorer = schema_keys(ScoreLMConfig)
+    assert scorer["model.name_or_path"].default is None and scorer["model.name_or_path"].type == str | None
+    assert scorer["model.revision"].help == "Hub revision of the base model of an adapter"
+    assert scorer["model.trust_remote_code"].help == sft["model.trust_remote_code"].help
+    with pytest.raises(ConfigError, match=r"data.validation_fraction \(command line\): must be < 1"):
+        load_config(SFTConfig, ["data.validation_fraction=1.5"])
+
+
+@pytest.mark.parametrize(
+    ("args", "run_choice", "expected"),
+    [
+        ([], None, "loss"),
+        ([], "perplexity", "perplexity"),
+        ([], "exact_match", "loss"),  # the run's choice needs generations, which scoring does not make by default
+        (["eval.num_generations=2"], "exact_match", "exact_match"),
+        (["eval.metric_for_best=perplexity"], "loss", "perplexity"),
+    ],
+)
+def test_lm_scorer_metric_for_best(args, run_choice, expected):
+    assert load_config(ScoreLMConfig, args).metric_for_best(run_choice) == expected
+
+
+def test_classifier_scorer_metrics_by_the_models_head():
+    cfg = load_config(ScoreConfig, [])
+    assert cfg.resolved_metrics(regression=True) == ["pearson", "spearman", "mse"]
+    assert (cfg.metric_for_best(regression=False), cfg.metric_for_best(regression=True)) == ("accuracy", "pearson")
+    assert load_config(ScoreConfig, ["eval.metric_for_best=loss"]).metric_for_best(regression=False) == "loss"
+    with pytest.raises(UserError, match="must be one of the metrics"):
+        load_config(ScoreConfig, ["eval.metric_for_best=pearson"]).metric_for_best(regression=False)

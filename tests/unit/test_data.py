@@ -1,4 +1,5 @@
-"""Data: every source format, label mapping, the validation split, error paths, tokenization, collation."""
+"""Classification data (finetune.classify.data, finetune.core.data): every source format, label mapping, the
+validation split, error paths, tokenization, collation, length-grouped batches."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import keyword_rows, write_rows
+import torch
+from helpers import keyword_rows, write_rows
 from transformers import AutoTokenizer
 
 from finetune.classify.collate import padding_collator
 from finetune.classify.data import load_classification_data, tokenize
 from finetune.core.config import build_config
-from finetune.core.data import make_dataloader, read_source
+from finetune.core.data import LengthGroupedSampler, make_dataloader, read_source
 from finetune.core.errors import UserError
 from finetune.core.schemas import DataConfig
 
@@ -179,3 +181,64 @@ def test_dry_run_description_counts_labels_lengths_and_truncation(tiny_bert: Pat
     # n words + [CLS] + [SEP]: lengths 3..32; longer than 12: n = 11..30
     assert "max 32; 20 of 30 (66.7%) longer than 12 (truncated)" in lines[1]
     assert lines[2].startswith("validation: 6 examples; labels fruit 4, animal 2") and longest == 12
+
+
+def padding_share(order: list[int], lengths: list[int], batch_size: int) -> float:
+    """Padding tokens / all tokens when `order` is cut into batches padded to their longest."""
+    padded = real = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[j] for j in order[i : i + batch_size]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return 1 - real / padded
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(3, 60, (2000,), generator=g)]
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(2000))
+    assert list(sampler) == epoch0  # iterating again does not change the order
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(epoch1) == list(range(2000))
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0  # an epoch's order depends on seed and epoch only (resumable)
+    assert list(LengthGroupedSampler(lengths, batch_size=16, seed=4)) != epoch0
+    shuffled = torch.randperm(2000, generator=g).tolist()
+    assert padding_share(epoch0, lengths, 16) < 0.02 < 0.4 < padding_share(shuffled, lengths, 16)
+    # Batches are not in length order: the batch order is shuffled.
+    batch_maxima = [max(lengths[j] for j in epoch0[i : i + 16]) for i in range(0, 2000, 16)]
+    assert batch_maxima[0] == max(lengths)  # the longest batch comes first
+    assert batch_maxima[1:] != sorted(batch_maxima[1:], reverse=True)
+
+
+def test_short_last_batch_stays_last_so_batches_stay_aligned():
+    lengths = list(range(1, 51))  # 50 examples, batches of 8: 6 full and one of 2
+    order = list(LengthGroupedSampler(lengths, batch_size=8, seed=0))
+    assert sorted(order) == list(range(50))
+    for i in range(0, 48, 8):
+        batch = sorted(lengths[j] for j in order[i : i + 8])
+        assert batch[-1] - batch[0] == 7  # 8 consecutive lengths: each full batch is one sorted run
+
+
+def test_tokenized_columns_survive(tiny_bert: Path, toy_data: dict):
+    """Tokenization keeps the examples, their order and their labels: the tokenized row i is example i, so
+    predictions read back in dataloader order line up with the validation examples (what the two-process test
+    in tests/distributed/test_multiprocess.py compares with one process)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    data = load_classification_data(data_config(train=str(toy_data["train"]), validation=str(toy_data["validation"])))
+    examples = data.validation
+    tokenized = tokenize(examples, tokenizer, max_length=32)
+    assert len(tokenized) == len(examples) == 37
+    assert set(tokenized.column_names) >= {"input_ids", "attention_mask", "labels"}
+    assert tokenized["labels"] == examples["label"]
+    assert tokenized["input_ids"] == [
+        tokenizer(text, truncation=True, max_length=32)["input_ids"] for text in examples["text"]
+    ]
+    assert len(set(map(tuple, tokenized["input_ids"]))) > 30, "the examples differ, so the order is checked"
+    in_order = [
+        row for batch in make_dataloader(tokenized, 5, padding_collator(tokenizer)) for row in batch["labels"].tolist()
+    ]
+    assert in_order == examples["label"]

@@ -1,18 +1,17 @@
 """SFT data: reading and normalising, loss masks of chats and prompt/completion pairs, truncation, packing,
-collation, generation prompts. A character-level tokenizer built here makes every token a readable character."""
+collation, generation prompts. A character-level tokenizer (helpers.make_tokenizer) makes every token a readable
+character."""
 
 from __future__ import annotations
 
 import json
 import pickle
 import random
-import string
 
 import pytest
 import torch
-from conftest import write_rows
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from helpers import CHAT_TEMPLATE, make_tokenizer, tiny_llama_config, write_rows
 from transformers import PreTrainedTokenizerFast
 
 from finetune.core.config import build_config
@@ -24,13 +23,7 @@ from finetune.lm.packing import best_fit_decreasing, pack_examples
 from finetune.lm.tokenize import generation_prompts, tokenize_sft
 from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms, summed_next_token_loss
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-# Role header, content, end-of-turn and newline per message; the generation prompt is the assistant header.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-# The same rendering, with the assistant output marked as TRL's training templates do.
+# helpers.CHAT_TEMPLATE's rendering, with the assistant output marked as TRL's training templates do.
 GENERATION_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
     "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|end|>\n{% endgeneration %}"
@@ -44,20 +37,6 @@ CHAT = [
     {"role": "user", "content": "2+2?"},
     {"role": "assistant", "content": "4"},
 ]
-
-
-def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """One token per printable character, plus special tokens; encodings start with <s> as Llama's do."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(string.printable))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.add_special_tokens(SPECIALS)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 @pytest.fixture
@@ -399,19 +378,10 @@ def test_collator_gives_packed_rows_position_ids_and_no_attention_mask(tokenizer
 
 def test_packed_batch_gives_the_loss_of_the_separate_examples():
     """With position_ids, no attention_mask and use_cache=False, transformers attends within each example."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=100)).eval()
     examples = random_examples(12, seed=5, longest=20)
     collate = SFTCollator(pad_token_id=0)
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ the RSS just before the model was built. Several cases share the process, to pay
 per case through /proc/self/clear_refs, and glibc's mmap threshold is fixed so that freed tensors leave the process
 at once. Tiny cases run first to take the one-time allocations (lazily imported modules, library state).
 
-    python tests/test_memory_estimate.py --table    # every case, bf16 autocast included: ~5 minutes on one core
+    python tests/unit/test_memory_estimate.py --table    # every case, bf16 autocast included: ~5 minutes on one core
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ CASES = {
 MEASURED = list(CASES)[:6]
 # Run first, not measured: what a process allocates once (lazily imported modules, library state) on each path.
 WARM_UP = [dict(arch=arch, batch=1, seq=32, lora=True, checkpointing=True, chunked=True) for arch in ("llama", "bert")]
-# `python tests/test_memory_estimate.py --table` measured every fp32 and bf16-weight case above within -1.0%..+0.1%:
-# the simulated storages match the live tensor bytes exactly, and what the estimate leaves out (GEMM packing buffers,
-# ~4 MiB; allocator and library slack) is a few MiB. 5% of these 200-600 MiB peaks leaves 10-30 MiB for that on other
-# CPUs and library versions, and still catches the misses met while building it (logsumexp's chunk-sized temporary
-# left out: -15% to -27%). (bf16 autocast with the chunked loss measured -8.5%: CPU bf16 matmuls without native bf16
-# hold their output in fp32 for a moment, which GPUs do not.)
+# `python tests/unit/test_memory_estimate.py --table` measured every fp32 and bf16-weight case above within
+# -1.0%..+0.1%: the simulated storages match the live tensor bytes exactly, and what the estimate leaves out (GEMM
+# packing buffers, ~4 MiB; allocator and library slack) is a few MiB. 5% of these 200-600 MiB peaks leaves 10-30 MiB
+# for that on other CPUs and library versions, and still catches the misses met while building it (logsumexp's
+# chunk-sized temporary left out: -15% to -27%). (bf16 autocast with the chunked loss measured -8.5%: CPU bf16
+# matmuls without native bf16 hold their output in fp32 for a moment, which GPUs do not.)
 TOLERANCE = 0.05
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate import Accelerator
-from conftest import reset_accelerate_state
+from helpers import reset_accelerate_state
 from huggingface_hub import ModelCard
 
 from finetune.core.config import config_to_dict

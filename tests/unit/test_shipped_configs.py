@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import REPO
+from helpers import REPO
 
-from finetune.core.config import load_config
+from finetune.core.config import config_to_dict, flatten, load_config, read_yaml
 from finetune.core.schemas import ClassifyConfig, SFTConfig
 
 # recipes/configs/<recipe>/*.yaml -> the schema of recipes/<recipe>.py
@@ -42,7 +42,12 @@ def test_there_is_something_to_check():
 def test_recipe_config_loads_and_names_its_command(path: Path):
     recipe = path.parent.name
     cfg = load_config(RECIPE_SCHEMAS[recipe], ["--config", str(path)])
-    assert cfg is not None
+    assert isinstance(cfg, RECIPE_SCHEMAS[recipe])
+    # Every value the file sets is the value the recipe runs with (none dropped, renamed or coerced to another).
+    loaded = dict(flatten(config_to_dict(cfg)))
+    written = dict(flatten(read_yaml(path)))
+    assert written, f"{path} sets nothing"
+    assert {key: loaded.get(key, "<not a key>") for key in written} == written
     command = header_command(path)
     assert command.startswith(f"accelerate launch recipes/{recipe}.py")
     if path.name != "default.yaml":  # default.yaml is what the recipe reads without --config

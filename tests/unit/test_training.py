@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
-from conftest import reset_accelerate_state
+from helpers import reset_accelerate_state
 from torch.utils.data import DataLoader
 
 from finetune.core.errors import UserError
