@@ -77,31 +77,15 @@ def main(argv: list[str]) -> None:
     )
 
     # ---- train, evaluate: the loop's policy is finetune.training.loop.fit
-    evaluate_now = evaluate.evaluator(run, model, loaders.validation)
-    outcome = loop.fit(
-        run,
-        model,
-        optimizer,
-        tokenizer,
-        loaders.train,
-        loss=classifier.classification_loss,
-        count_loss_terms=count_label_terms,
-        evaluate=evaluate_now,
-        data_summary=f"{len(data.train)} train / {len(data.validation)} validation examples, "
-        f"{data.num_outputs} outputs",
+    task = loop.Task(
+        classifier.classification_loss, count_label_terms, evaluate.evaluator(run, model, loaders.validation)
     )
+    described = f"{len(data.train)} train / {len(data.validation)} validation examples, {data.num_outputs} outputs"
+    outcome = loop.fit(run, model, optimizer, tokenizer, loaders.train, task, data_summary=described)
 
     # ---- final/: the last model, or with early stopping the best evaluated one
-    reporting.finish_run(
-        run,
-        model,
-        tokenizer,
-        outcome,
-        scores=cfg.resolved_metrics(),
-        train_examples=len(data.train),
-        validation_examples=len(data.validation),
-        label_names=data.label_names,
-    )
+    sizes = len(data.train), len(data.validation)
+    reporting.finish_run(run, model, tokenizer, outcome, cfg.resolved_metrics(), sizes, label_names=data.label_names)
 
 
 def dry_run(run: Run, data, tokenizer) -> None:

@@ -87,30 +87,15 @@ def main(argv: list[str]) -> None:
 
     # ---- train, evaluate: the loop's policy is finetune.training.loop.fit
     evaluate_now = evaluate.evaluator(run, model, tokenizer, loaders.validation, prompts, next_token_loss)
+    task = loop.Task(next_token_loss, count_next_token_terms, evaluate_now)
     rows = f"packed rows of {cfg.data.max_length}" if cfg.data.packing else "examples"
-    outcome = loop.fit(
-        run,
-        model,
-        optimizer,
-        tokenizer,
-        loaders.train,
-        loss=next_token_loss,
-        count_loss_terms=count_next_token_terms,
-        evaluate=evaluate_now,
-        data_summary=f"{len(train_set)} train / {len(val_set)} validation {rows}",
-    )
+    described = f"{len(train_set)} train / {len(val_set)} validation {rows}"
+    outcome = loop.fit(run, model, optimizer, tokenizer, loaders.train, task, data_summary=described)
 
     # ---- final/: the last model, or with early stopping the best evaluated one
-    reporting.finish_run(
-        run,
-        model,
-        tokenizer,
-        outcome,
-        scores=["loss", "perplexity", "exact_match"],
-        train_examples=len(train_set),
-        validation_examples=len(val_set),
-        data_stats={"train_data": train_report.describe(), "validation_data": val_report.describe()},
-    )
+    stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
+    scores, sizes = ["loss", "perplexity", "exact_match"], (len(train_set), len(val_set))
+    reporting.finish_run(run, model, tokenizer, outcome, scores, sizes, data_stats=stats)
 
 
 def tokenized(cfg: SFTConfig, data, tokenizer):

@@ -83,14 +83,15 @@ def finish_run(
     tokenizer,
     outcome: Outcome,
     scores: list[str],
-    train_examples: int,
-    validation_examples: int,
+    sizes: tuple[int, int],
     label_names: list[str] | None = None,
     data_stats: dict | None = None,
 ) -> None:
     """The end of every recipe's run: final/, eval_results.json, curves.png and the closing lines, from what `fit`
-    left (`outcome`) and the recipe's counts; `scores` are the metrics the done line prints."""
+    left (`outcome`) and the recipe's data: `sizes` = (training, validation) examples or rows; `scores` are the
+    metrics the done line prints."""
     progress = outcome.progress
+    train_examples, validation_examples = sizes
     summary = RunSummary(
         recipe=run.recipe,
         metrics=outcome.metrics,

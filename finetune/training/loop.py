@@ -142,17 +142,18 @@ class Outcome:
 Evaluate = Callable[[int], dict]  # (the step evaluated at) -> metrics, without the eval_ prefix
 
 
-def fit(
-    run: Run,
-    model,
-    optimizer,
-    tokenizer,
-    train_loader,
-    loss: LossFn,
-    count_loss_terms: Callable[[dict], torch.Tensor],
-    evaluate: Evaluate,
-    data_summary: str,
-) -> Outcome:
+@dataclass
+class Task:
+    """What a recipe supplies to `fit`, beside its model and data: the loss of a micro-batch (summed over its loss
+    terms), the count of those terms (exact accumulation normalises by the window's count over all processes),
+    and the evaluation."""
+
+    loss: LossFn
+    count_loss_terms: Callable[[dict], torch.Tensor]
+    evaluate: Evaluate
+
+
+def fit(run: Run, model, optimizer, tokenizer, train_loader, task: Task, data_summary: str) -> Outcome:
     """Train `model` from where the run stands to its last optimizer step, with every guarantee of the loop.
 
     After each optimizer step, in this order: log (every `logging.every_n_steps`, and the last step); stop at the
@@ -161,8 +162,8 @@ def fit(
     under early stopping); exit for a stop signal (after its checkpoint); stop early. Then the final evaluation,
     and with early stopping the best evaluated model back in memory.
 
-    The recipe supplies what differs: the model and loaders, the loss with its term count (exact accumulation),
-    and `evaluate(step)`; `data_summary` opens the run's summary line ("N train / M validation examples").
+    The recipe supplies what differs (`task`: the loss, its term count, the evaluation) and its prepared model and
+    training loader; `data_summary` opens the run's summary line ("N train / M validation examples").
     """
     accelerator, cfg, log, geometry = run.accelerator, run.cfg, run.log, run.geometry
     total_steps = total_optimizer_steps(
@@ -188,7 +189,7 @@ def fit(
         log.info(f"resumed from {run.resume_from}: step {progress.step}, {progress.epochs} epochs")
 
     def evaluated() -> dict:
-        metrics = evaluate(progress.step)
+        metrics = task.evaluate(progress.step)
         log.log(progress.step, {f"eval_{name}": value for name, value in metrics.items()})
         return metrics
 
@@ -223,7 +224,7 @@ def fit(
             model,
             optimizer,
             scheduler,
-            loss,
+            task.loss,
             signals,
             max_grad_norm=cfg.train.max_grad_norm,
             on_nonfinite=cfg.train.on_nonfinite_loss,
@@ -231,7 +232,7 @@ def fit(
             info=log.info,
         )
         for window in training_windows(
-            accelerator, train_loader, progress, total_steps, count_loss_terms, cfg.train.seed
+            accelerator, train_loader, progress, total_steps, task.count_loss_terms, cfg.train.seed
         ):
             report = train_step(window, progress)
             warnings += report.warnings

@@ -19,7 +19,7 @@ from finetune.core.schemas import SFTConfig
 from finetune.training.accumulation import count_next_token_terms
 from finetune.training.batches import Loaders
 from finetune.training.checkpoints.layout import list_checkpoints, read_progress
-from finetune.training.loop import fit
+from finetune.training.loop import Task, fit
 from finetune.training.run import Run, launch, start_run
 
 
@@ -79,7 +79,9 @@ def scripted(values: list[float], metric: str = "loss"):
 def fit_run(tmp_path, *overrides, evaluate=None, loss=next_token_loss):
     run, model, optimizer, tokenizer, loaders = start(tmp_path, *overrides)
     evaluate = evaluate or scripted([1.0])
-    outcome = fit(run, model, optimizer, tokenizer, loaders.train, loss, count_next_token_terms, evaluate, "32 rows")
+    outcome = fit(
+        run, model, optimizer, tokenizer, loaders.train, Task(loss, count_next_token_terms, evaluate), "32 rows"
+    )
     return run, model, outcome, evaluate
 
 
