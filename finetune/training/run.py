@@ -14,7 +14,7 @@ writer and the reporting take, instead of positional lists.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class Run:
     # model is in memory; `finetune.training.launch.settle_geometry` alone applies it.
     geometry: BatchGeometry | None = None
     log: RunLog | None = None  # from `start_run`
-    warnings: list[str] = field(default_factory=list)  # loud ones, repeated at the end of the run
 
     @property
     def recipe(self) -> str:
