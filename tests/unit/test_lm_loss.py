@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama_config
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,18 +45,7 @@ def one_thread():
 
 def tiny_llama(tie: bool = False, dtype: torch.dtype = torch.float64, attn: str = "eager", seed: int = 0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(tiny_llama_config(VOCAB, tie_word_embeddings=tie, attn_implementation=attn)).to(dtype)
     with torch.no_grad():  # larger output weights than the 0.02 init: a softmax far from uniform
         model.lm_head.weight.normal_(0, 0.3)
     return model
