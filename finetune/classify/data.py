@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune.core.data import column, describe_lengths, read_source, read_validation
+from finetune.core.data import column, describe_lengths, read_source, read_validation, split_validation
 from finetune.core.errors import UserError
 from finetune.core.token_cache import cached_tokenization
 
@@ -161,21 +161,6 @@ def label_counts(ds: Dataset, label_names: list[str]) -> dict[str, int]:
     """Examples per class name, in label order (classes with no example included, as 0)."""
     counts = Counter(column(ds, "label"))
     return {name: counts.get(i, 0) for i, name in enumerate(label_names)}
-
-
-def split_validation(train: Dataset, cfg, stratify: bool) -> tuple[Dataset, Dataset]:
-    """(train, validation) carved from train with data.split_seed: stratified by class, or plain random."""
-    kind = "stratified " if stratify else ""
-    try:
-        split = train.train_test_split(
-            test_size=cfg.validation_fraction, seed=cfg.split_seed, stratify_by_column="label" if stratify else None
-        )
-    except ValueError as err:
-        raise UserError(
-            f"data.validation_fraction={cfg.validation_fraction}: cannot carve a {kind}validation split "
-            f"from {len(train)} training examples ({err}). Give data.validation or more data."
-        ) from None
-    return split["train"], split["test"]
 
 
 def load_classification_data(cfg) -> ClassificationData:

@@ -236,3 +236,19 @@ def describe_lengths(lengths: Sequence[int], max_length: int | None = None, kept
     longer = int((values > max_length).sum())
     share = f"{longer:,} of {len(values):,} ({longer / len(values):.1%})"
     return f"token lengths {points}, max {int(values.max()):,}; {share} longer than {max_length:,} ({kept})"
+
+
+def split_validation(train: Dataset, cfg, stratify: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, validation): data.validation_fraction of train held out, drawn with data.split_seed; stratified by
+    the `label` column (classification) or plain random."""
+    kind = "stratified " if stratify else ""
+    try:
+        split = train.train_test_split(
+            test_size=cfg.validation_fraction, seed=cfg.split_seed, stratify_by_column="label" if stratify else None
+        )
+    except ValueError as err:
+        raise UserError(
+            f"data.validation_fraction={cfg.validation_fraction}: cannot carve a {kind}validation split "
+            f"from {len(train)} training examples ({err}). Give data.validation or more data."
+        ) from None
+    return split["train"], split["test"]

@@ -16,7 +16,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from finetune.core.data import read_source, read_validation
+from finetune.core.data import read_source, read_validation, split_validation
 from finetune.core.errors import UserError, first_line
 from finetune.core.paths import local_path
 from finetune.core.schemas import SFTDataConfig
@@ -186,18 +186,6 @@ def normalise(ds: Dataset, fmt: str, cfg: SFTDataConfig, key: str) -> Dataset:
     if len(out) == 0:
         raise UserError(f"{key}: no examples left after dropping rows with empty content ({len(ds)} rows read).")
     return out
-
-
-def split_validation(train: Dataset, cfg: SFTDataConfig) -> tuple[Dataset, Dataset]:
-    """(train, validation): a random data.validation_fraction of train held out, drawn with data.split_seed."""
-    try:
-        split = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.split_seed)
-    except ValueError as err:
-        raise UserError(
-            f"data.validation_fraction={cfg.validation_fraction}: cannot carve a validation split from {len(train)} "
-            f"training examples ({err}). Give data.validation or more data."
-        ) from None
-    return split["train"], split["test"]
 
 
 def load_sft_data(cfg: SFTDataConfig) -> SFTData:
