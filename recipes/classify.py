@@ -22,7 +22,6 @@ from finetune.classify import model as classifier
 from finetune.classify.data import describe_data, load_classification_data, tokenize
 from finetune.core import metric_names, modeling
 from finetune.core.errors import exit_on_user_error
-from finetune.core.precision import WEIGHT_DTYPES
 from finetune.core.schemas import ClassifyConfig
 from finetune.plan.dry_run import report_dry_run
 from finetune.report import reporting
@@ -44,7 +43,7 @@ def setup(argv: list[str]):
     modeling.check_max_length(cfg.data.max_length, model_config, tokenizer)
     modeling.check_lora_targets(cfg.lora, model_config)
     metric_names.check_metric_names(cfg.resolved_metrics(), regression=cfg.data.task == "regression")
-    return launch(run), data, tokenizer
+    return launch(run, model_config, transformers.AutoModelForSequenceClassification), data, tokenizer
 
 
 @exit_on_user_error
@@ -57,8 +56,8 @@ def main(argv: list[str]) -> None:
     set_seed(cfg.train.seed)  # before the model: the new head draws its weights from it
 
     # ---- model
-    weights_dtype = WEIGHT_DTYPES[cfg.train.weights_dtype]
-    model = classifier.load_classifier(cfg.model, data.label_names, tokenizer, data.task, weights_dtype)
+    loading = run.weights_loading()  # the weights' dtype; with model.quantization, bitsandbytes' config
+    model = classifier.load_classifier(cfg.model, data.label_names, tokenizer, data.task, **loading)
     model, optimizer = batches.prepare_model(run, model, lora_task_type="SEQ_CLS")
 
     # ---- data
@@ -85,7 +84,8 @@ def main(argv: list[str]) -> None:
 
     # ---- final/: the last model, or with early stopping the best evaluated one
     sizes = len(data.train), len(data.validation)
-    reporting.finish_run(run, model, tokenizer, outcome, cfg.resolved_metrics(), sizes, label_names=data.label_names)
+    metrics, names, validation = cfg.resolved_metrics(), data.label_names, loaders.validation
+    reporting.finish_run(run, model, tokenizer, outcome, metrics, sizes, label_names=names, validation=validation)
 
 
 def dry_run(run: Run, data, tokenizer) -> None:

@@ -20,7 +20,6 @@ from accelerate.utils import set_seed
 
 from finetune.core import modeling
 from finetune.core.errors import exit_on_user_error
-from finetune.core.precision import WEIGHT_DTYPES
 from finetune.core.schemas import SFTConfig
 from finetune.lm import evaluate, probes
 from finetune.lm.collate import SFTCollator
@@ -48,7 +47,7 @@ def setup(argv: list[str]):
     model_config = modeling.load_model_config(cfg.model)
     modeling.check_max_length(cfg.data.max_length, model_config, tokenizer)
     modeling.check_lora_targets(cfg.lora, model_config, transformers.AutoModelForCausalLM)
-    return launch(run), data, tokenizer
+    return launch(run, model_config, transformers.AutoModelForCausalLM), data, tokenizer
 
 
 @exit_on_user_error
@@ -65,7 +64,7 @@ def main(argv: list[str]) -> None:
     set_seed(cfg.train.seed)  # before the model: model.random_init draws its weights from it
 
     # ---- model
-    model = modeling.load_causal_lm(cfg.model, tokenizer, WEIGHT_DTYPES[cfg.train.weights_dtype])
+    model = modeling.load_causal_lm(cfg.model, tokenizer, **run.weights_loading())
     # Flash kernels keep packed examples apart only in a batch of one row: the collator then flattens a batch.
     flatten = cfg.data.packing and model.config._attn_implementation.startswith("flash_attention")
     if cfg.data.packing:
@@ -95,7 +94,7 @@ def main(argv: list[str]) -> None:
     # ---- final/: the last model, or with early stopping the best evaluated one
     stats = {"train_data": train_report.describe(), "validation_data": val_report.describe()}
     scores, sizes = ["loss", "perplexity", "exact_match"], (len(train_set), len(val_set))
-    reporting.finish_run(run, model, tokenizer, outcome, scores, sizes, data_stats=stats)
+    reporting.finish_run(run, model, tokenizer, outcome, scores, sizes, data_stats=stats, validation=loaders.validation)
 
 
 def tokenized(cfg: SFTConfig, data, tokenizer):

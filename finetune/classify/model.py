@@ -9,7 +9,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune.core.modeling import load_pretrained
+from finetune.core import quantization
+from finetune.core.modeling import build_skeleton, load_model_config, load_pretrained, skip_unquantized
 from finetune.training.accumulation import summed_classification_loss
 
 # id2label name of a regression head's single output: pipeline("text-classification") reports it as the label.
@@ -41,9 +42,14 @@ def load_classifier(
     tokenizer: PreTrainedTokenizerBase,
     task: str = "classification",
     dtype: torch.dtype = torch.float32,
+    **quantized,
 ) -> PreTrainedModel:
     """A sequence-classification model with a fresh head for `label_names` (or one regression output),
-    labels saved in its config, its weights in `dtype` whatever the checkpoint stores (see finetune.core.precision)."""
+    labels saved in its config, its weights in `dtype` whatever the checkpoint stores (see finetune.core.precision).
+    `quantized`: `finetune.core.quantization.loading_kwargs` (its quantization_config and device_map)."""
+    if quantized:
+        config = load_model_config(cfg, num_labels=max(1, len(label_names)))
+        skip_unquantized(quantized, build_skeleton(config, AutoModelForSequenceClassification))
     model = load_pretrained(
         AutoModelForSequenceClassification,
         cfg,
@@ -51,7 +57,10 @@ def load_classifier(
         **head_config(label_names, task),
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a fresh head
         dtype=dtype,  # transformers 5 would keep the stored dtype (dtype="auto")
+        **quantized,
     )
+    if quantized:
+        quantization.keep_training_numerics(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -26,9 +26,11 @@ from finetune.classify.collate import padding_collator
 from finetune.classify.data import load_classification_data, regression_labels, tokenize
 from finetune.classify.evaluate import Predictions, classification_metrics, predict
 from finetune.classify.model import head_config
+from finetune.core import quantization
 from finetune.core.config import COMMAND_LINE, build_config, read_yaml
 from finetune.core.data import make_dataloader, read_source
 from finetune.core.errors import UserError, first_line
+from finetune.core.modeling import build_skeleton, skip_unquantized
 from finetune.core.run_dir import write_json
 from finetune.core.saved_models import (
     ADAPTER_CONFIG,
@@ -128,8 +130,9 @@ def is_regression_head(head: dict) -> bool:
     return head["problem_type"] == "regression" or head["num_labels"] == 1
 
 
-def load_model(path: Path, head: dict):
-    """(tokenizer, model) of a full model dir, or of a peft adapter on its base model with `head`."""
+def load_model(path: Path, head: dict, device="cpu"):
+    """(tokenizer, model) of a full model dir, or of a peft adapter on its base model with `head` (quantized as it
+    was trained, on `device`: `quantization.adapter_base_loading`)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if is_full_model_dir(path):
@@ -140,10 +143,16 @@ def load_model(path: Path, head: dict):
         base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not the base's "classifier newly initialized": the adapter holds it
+        loading = {"dtype": torch.float32, **quantization.adapter_base_loading(path, device)}
+        if "quantization_config" in loading:
+            config = AutoConfig.from_pretrained(base, **head)
+            skip_unquantized(loading, build_skeleton(config, AutoModelForSequenceClassification))
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **head)
+            model = AutoModelForSequenceClassification.from_pretrained(base, **loading, **head)
+            quantization.keep_training_numerics(model)
         finally:
             hf_logging.set_verbosity(verbosity)
+        quantization.quiet_bitsandbytes()  # before peft imports it
         model.load_adapter(str(path))
         return tokenizer, model
     except (OSError, ValueError, RuntimeError) as err:
@@ -210,14 +219,15 @@ def score_model(accelerator, model_info: ModelToScore, cfg: ScoreConfig, out_dir
     head = read_head(model_info.path, cfg.data)
     regression = is_regression_head(head)
     metrics = cfg.resolved_metrics(regression)
-    tokenizer, model = load_model(model_info.path, head)
+    tokenizer, model = load_model(model_info.path, head, accelerator.device)
     texts, pairs, labels = load_examples(cfg.data, head["label2id"], regression)
     gold = labels if labels is not None else [-100] * len(texts)  # -100: no label, predictions only
     columns = {"text": texts, **({"text_pair": pairs} if pairs else {}), "label": gold}
     max_length = min(tokenizer.model_max_length, 10**6)  # final/ saves the training max_length here
     dataset = tokenize(Dataset.from_dict(columns), tokenizer, max_length)
     # Inference needs no DDP wrapper: the model is only placed; the loader is sharded over processes.
-    model = model.to(accelerator.device)
+    if not quantization.is_quantized(model):  # a quantized base was loaded onto the device
+        model = model.to(accelerator.device)
     loader = accelerator.prepare(make_dataloader(dataset, cfg.eval.batch_size, padding_collator(tokenizer)))
     predictions = predict(accelerator, model, loader)
     accelerator.free_memory()  # drop Accelerate's reference to this loader before the next model

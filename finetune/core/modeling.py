@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from finetune.core import quantization
 from finetune.core.errors import UserError, first_line
 from finetune.core.paths import local_path
 from finetune.core.run_dir import replace_dir
@@ -82,10 +84,15 @@ def check_max_length(max_length: int, config: PretrainedConfig, tokenizer: PreTr
 ALL_LINEAR = "all-linear"
 
 
+def build_skeleton(config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> PreTrainedModel:
+    """The model `config` describes, on the meta device (no memory, no weights): to read its layers' names."""
+    with torch.device("meta"):
+        return auto_class.from_config(config)
+
+
 def linear_module_names(config: PretrainedConfig, auto_class=AutoModelForSequenceClassification) -> list[str]:
     """Names of the linear layers of a model built from `config`, on the meta device (no memory)."""
-    with torch.device("meta"):
-        skeleton = auto_class.from_config(config)
+    skeleton = build_skeleton(config, auto_class)
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
@@ -106,6 +113,7 @@ def check_lora_targets(lora, config: PretrainedConfig, auto_class=AutoModelForSe
 def apply_lora(model: PreTrainedModel, lora, task_type: str = "SEQ_CLS") -> torch.nn.Module:
     """Wrap `model` with LoRA adapters. peft's task type says what else trains: SEQ_CLS keeps the fresh
     classification head fully trainable; CAUSAL_LM trains the adapters alone (the LM head stays frozen)."""
+    quantization.quiet_bitsandbytes()
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
@@ -116,7 +124,9 @@ def apply_lora(model: PreTrainedModel, lora, task_type: str = "SEQ_CLS") -> torc
         lora_dropout=lora.dropout,
         target_modules=targets,
     )
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -150,10 +160,18 @@ def write_model(accelerator: Accelerator, model, tokenizer, target: Path, max_le
         write_base_config(unwrapped, adapter_dir)
         if merge_lora:
             tokenizer.save_pretrained(adapter_dir)
-            unwrapped.merge_and_unload().save_pretrained(target)
+            merged_model(unwrapped).save_pretrained(target)
     else:
         unwrapped.save_pretrained(target, state_dict=state_dict)
     tokenizer.save_pretrained(target)
+
+
+def merged_model(peft_model) -> PreTrainedModel:
+    """The adapter merged into its base: onto the dequantized weights of a quantized base, in its compute dtype
+    (`quantization.plain_model_from`), else by peft."""
+    if quantization.is_quantized(peft_model):
+        return quantization.plain_model_from(peft_model, quantization.compute_dtype_of(peft_model))
+    return peft_model.merge_and_unload()
 
 
 def write_base_config(peft_model, adapter_dir: Path) -> None:
@@ -195,19 +213,36 @@ def save_final(
 # --------------------------------------------------------------------------------------------
 
 
-def load_causal_lm(cfg, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(
+    cfg, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, **quantized
+) -> PreTrainedModel:
     """An AutoModelForCausalLM from `cfg` (an SFTModelConfig), its weights in `dtype` whatever the checkpoint
-    stores; `cfg.random_init` builds it from its config.json with fresh weights (seeded by the caller)."""
+    stores; `cfg.random_init` builds it from its config.json with fresh weights (seeded by the caller).
+    `quantized`: `finetune.core.quantization.loading_kwargs` (its quantization_config and device_map)."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.random_init:
         config = load_model_config(cfg, **extra)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        if quantized:  # bitsandbytes quantizes weights as a checkpoint loads: write the random ones out first
+            skip_unquantized(quantized, model)
+            with quantization.saved_random_weights(model) as saved:
+                model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, **extra, **quantized)
+            model.name_or_path = model.config._name_or_path = config._name_or_path  # not the temporary dir
     else:
-        model = load_pretrained(AutoModelForCausalLM, cfg, "model", dtype=dtype, **extra)
+        if quantized:
+            skip_unquantized(quantized, build_skeleton(load_model_config(cfg, **extra), AutoModelForCausalLM))
+        model = load_pretrained(AutoModelForCausalLM, cfg, "model", dtype=dtype, **extra, **quantized)
+    if quantized:
+        quantization.keep_training_numerics(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def skip_unquantized(quantized: dict, skeleton: torch.nn.Module) -> None:
+    """Keep the output layer and a classifier head out of quantization (`quantization.unquantized_modules`)."""
+    quantized["quantization_config"].llm_int8_skip_modules = quantization.unquantized_modules(skeleton)

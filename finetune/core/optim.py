@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+# bitsandbytes' optimizers with 8-bit states (blockwise quantized, dynamic map), by the name train.optimizer gives.
+EIGHT_BIT_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+
 # Parameters whose names contain these get no weight decay (biases, LayerNorm/RMSNorm weights).
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -15,7 +18,8 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight",
 def build_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, kind: str = "adamw"
 ) -> torch.optim.Optimizer:
-    """AdamW (or plain SGD) over the trainable parameters, weight decay on weight matrices only."""
+    """AdamW (fused; or with 8-bit states: `EIGHT_BIT_OPTIMIZERS`), or plain SGD, over the trainable parameters,
+    weight decay on weight matrices only."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -24,6 +28,12 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr)
+    if kind in EIGHT_BIT_OPTIMIZERS:
+        from finetune.core.quantization import import_bitsandbytes
+
+        bnb = import_bitsandbytes(f"train.optimizer={kind}")
+        # Tensors under 4,096 elements (biases, norms) keep 32-bit states, as bitsandbytes does by default.
+        return getattr(bnb.optim, EIGHT_BIT_OPTIMIZERS[kind])(groups, lr=lr)
     # The fused kernel (CPU and CUDA) is what Trainer uses by default too: one pass over all parameters.
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 

@@ -31,6 +31,15 @@ class ModelConfig:
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when loading from the Hub")
     trust_remote_code: bool = option(False, "run model code shipped with a Hub model; only for code you trust")
+    quantization: Literal["nf4", "fp4", "int8"] | None = option(
+        None,
+        "load the base weights quantized by bitsandbytes (frozen; needs lora.enabled=true: QLoRA): nf4 or fp4 = "
+        "4-bit, int8 = 8-bit; they compute (and the other frozen weights are kept) in the mixed precision's dtype, "
+        "else train.weights_dtype's; null = not quantized",
+    )
+    double_quant: bool = option(
+        True, "4-bit: quantize the quantization constants too (~0.4 bit per weight less; QLoRA's default)"
+    )
 
 
 @dataclass
@@ -82,8 +91,17 @@ class TrainConfig:
     global_batch_size: int | None = option(
         None, "examples per optimizer step over all processes; the accumulation steps then follow", ge=1
     )
-    optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = option(
+        "adamw",
+        "adamw (fused, fp32 states), adamw_8bit (bitsandbytes: states in 8 bits, 1/4 of the memory), "
+        "paged_adamw_8bit (8-bit states paged to host memory under pressure; CUDA only), or sgd (no momentum)",
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
+    activation_offload: bool = option(
+        False,
+        "move the activations saved for backward to pinned host memory during forward, back in backward (a GPU: "
+        "less GPU memory, some speed); with or without gradient checkpointing",
+    )
     lr: float = option(5e-5, "peak learning rate of AdamW", gt=0)
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", "LR decay after warmup")
@@ -209,6 +227,18 @@ class LoggingConfig:
     project: str = option("finetune", "project (wandb, trackio, comet_ml) or experiment (mlflow) name of the trackers")
 
 
+def lever_problems(model: ModelConfig, train: TrainConfig, lora: LoraConfig) -> list[str]:
+    """Memory levers that cannot work together, each naming the keys involved."""
+    problems = []
+    if model.quantization is not None and not lora.enabled:
+        problems.append(
+            f"model.quantization={model.quantization} needs lora.enabled=true: quantized weights are frozen, so "
+            "only LoRA adapters (and a classifier head) can train on them (QLoRA); set model.quantization=null "
+            "to train every weight"
+        )
+    return problems
+
+
 def training_problems(train: TrainConfig, output: OutputConfig, evaluation_every: int | None) -> list[str]:
     """Cross-field problems of the keys every recipe shares, each naming the keys involved."""
     problems = []
@@ -258,6 +288,7 @@ class ClassifyConfig:
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
         problems = training_problems(self.train, self.output, self.eval.every_n_steps)
+        problems += lever_problems(self.model, self.train, self.lora)
         if self.data.text_pair_column and self.data.text_pair_column == self.data.text_column:
             problems.append("data.text_pair_column must differ from data.text_column")
         if len(set(self.data.label_names)) != len(self.data.label_names):
@@ -408,6 +439,7 @@ class SFTConfig:
     def check(self) -> list[str]:
         """Cross-field problems, each naming the keys involved."""
         problems = training_problems(self.train, self.output, self.eval.every_n_steps)
+        problems += lever_problems(self.model, self.train, self.lora)
         if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
             problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
         if self.data.format == "text" and self.eval.metric_for_best == "exact_match":

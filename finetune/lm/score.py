@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
+from finetune.core import quantization
 from finetune.core.config import COMMAND_LINE, build_config
 from finetune.core.data import is_hub_dataset, make_dataloader, read_source, read_validation
 from finetune.core.errors import UserError, first_line, is_rank_zero
@@ -152,7 +153,7 @@ def random_init_adapter_message(path: Path) -> str:
     )
 
 
-def load_lm(path: Path, cfg: ScoreLMConfig, base_given: bool):
+def load_lm(path: Path, cfg: ScoreLMConfig, base_given: bool, device="cpu"):
     """(tokenizer, model in fp32) of a full model dir, or of a peft adapter on its base model, by
     `finetune.core.modeling.load_causal_lm` as training loads it."""
     model_cfg = SFTModelConfig(
@@ -166,8 +167,10 @@ def load_lm(path: Path, cfg: ScoreLMConfig, base_given: bool):
     base_cfg = replace(model_cfg, name_or_path=lm_adapter_base(path, cfg, base_given), revision=cfg.model.revision)
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = load_tokenizer(model_cfg if has_tokenizer else base_cfg)
-    model = load_causal_lm(base_cfg, tokenizer, torch.float32)
+    loading = {"dtype": torch.float32, **quantization.adapter_base_loading(path, device)}  # quantized as trained
+    model = load_causal_lm(base_cfg, tokenizer, **loading)
     try:
+        quantization.quiet_bitsandbytes()  # before peft imports it
         model.load_adapter(str(path))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"{path}: could not load the adapter onto {base_cfg.name_or_path}: {first_line(err)}") from None
@@ -200,7 +203,7 @@ def score_causal_lm(
 ) -> dict | None:
     """Loss, perplexity (and exact_match) of one causal LM, by the recipe's evaluation on every process; the main
     process writes eval_results.json (and generations.jsonl) and returns the results."""
-    tokenizer, model = load_lm(model_info.path, cfg, base_given)
+    tokenizer, model = load_lm(model_info.path, cfg, base_given, accelerator.device)
     fmt = data_format(examples)
     check_chat_template(cfg.data, tokenizer, fmt)
     check_lm_max_length(cfg.data.max_length, model.config)
@@ -217,7 +220,8 @@ def score_causal_lm(
             enable_exact_chunked_loss(model)
         except UserError:  # a model whose logits the chunked loss cannot reproduce: the plain loss is the same
             pass
-    model = model.to(accelerator.device)  # no DDP wrapper: nothing trains; the batches are split over processes
+    if not quantization.is_quantized(model):  # a quantized base was loaded onto the device
+        model = model.to(accelerator.device)  # no DDP wrapper: nothing trains; the batches are split over processes
     loader = make_dataloader(dataset, cfg.eval.batch_size, SFTCollator.for_tokenizer(tokenizer, flatten=flatten))
     metrics = evaluate_lm(accelerator, model, loader, next_token_loss, on_nonfinite="warn")
     prompts = generation_prompts(examples, tokenizer, cfg.eval.num_generations)

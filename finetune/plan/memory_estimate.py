@@ -14,6 +14,8 @@ benchmarks/gpu_memory_estimate.py.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -42,6 +44,9 @@ DEVICE_NOTES = {
 # (LLaMA and BERT layers hold ~11 x hidden + 3 x intermediate), and the plain loss's bytes per token and vocabulary
 # entry (fp32 logits, their log-softmax and its gradient).
 FALLBACK_HIDDEN, FALLBACK_INTERMEDIATE, FALLBACK_LOGIT_BYTES = 11, 3, 12
+# bitsandbytes' block sizes: 4-bit weights (64 per absmax; 256 absmaxes per second-level one with double
+# quantization), and 8-bit optimizer states (256), which tensors under 4,096 elements do without (fp32 states).
+BLOCK_4BIT, BLOCK_NESTED, BLOCK_8BIT_OPTIMIZER, MIN_8BIT_SIZE = 64, 256, 256, 4096
 
 
 @dataclass
@@ -157,8 +162,73 @@ def _fake_chunked_loss(tokens: int):
     return loss
 
 
-def _simulate(model, causal: bool, batch: int, seq_len: int, tokens: int, autocast, micro_batches: int, sharded):
-    """(forward/backward peak, activations, logits) in bytes, from micro-batches run on fake tensors."""
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], int]]:
+    """{name: (weight shape, bytes per element before quantization)} of the linear layers bitsandbytes quantizes."""
+    from finetune.core.quantization import quantizable_linears
+
+    return {
+        name: (tuple(model.get_submodule(name).weight.shape), model.get_submodule(name).weight.element_size())
+        for name in quantizable_linears(model)
+    }
+
+
+def quantized_bytes(shape, quantization: str, double_quant: bool) -> int:
+    """Bytes bitsandbytes holds for a quantized weight of `shape`, with its quantization constants.
+
+    4-bit: two weights per byte, one absmax per block of 64 (fp32; double quantization: uint8, plus an fp32 absmax
+    per 256 of them). int8: one byte per weight and an fp32 scale per output row."""
+    numel = _numel(shape)
+    if quantization == "int8":
+        return numel + 4 * shape[0]
+    blocks = -(-numel // BLOCK_4BIT)
+    constants = blocks + 4 * -(-blocks // BLOCK_NESTED) if double_quant else 4 * blocks
+    return -(-numel // 2) + constants
+
+
+def optimizer_state_bytes(optimizer: str, trainable) -> tuple[int, str]:
+    """Bytes of the optimizer's state for the trainable (name, parameter) pairs, and what was assumed."""
+    sizes = [(p.numel(), p.element_size()) for _, p in trainable]
+    if optimizer == "sgd":
+        return 0, "SGD: no state"
+    if optimizer == "adamw":  # exp_avg and exp_avg_sq, in the weights' dtype
+        return sum(2 * n * size for n, size in sizes), "fused AdamW: 2 states per trainable weight, stepped in place"
+    # bitsandbytes: two uint8 states and an fp32 absmax per block of 256 each; small tensors keep fp32 states
+    eight_bit = sum(2 * (n + 4 * -(-n // BLOCK_8BIT_OPTIMIZER)) for n, _ in sizes if n >= MIN_8BIT_SIZE)
+    small = sum(2 * 4 * n for n, _ in sizes if n < MIN_8BIT_SIZE)
+    paged = ", paged (CUDA unified memory: counted as resident)" if optimizer.startswith("paged") else ""
+    return eight_bit + small, f"8-bit AdamW (bitsandbytes): 2 uint8 states per weight{paged}"
+
+
+def _offload_hooks(offloaded: list[int]):
+    """saved_tensors_hooks as `finetune.core.offload` offloads: a saved activation leaves (its bytes counted in
+    `offloaded`), and comes back as a new tensor when backward unpacks it."""
+    from finetune.core.offload import MIN_OFFLOAD_BYTES
+
+    def pack(tensor):
+        size = tensor.numel() * tensor.element_size()
+        if isinstance(tensor, torch.nn.Parameter) or size < MIN_OFFLOAD_BYTES:
+            return tensor
+        offloaded[0] += size
+        return (tensor.shape, tensor.dtype, tensor.stride())
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        shape, dtype, stride = packed
+        return torch.empty_strided(shape, stride, dtype=dtype)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _simulate(
+    model, causal: bool, batch: int, seq_len: int, tokens: int, autocast, micro_batches: int, sharded, offloaded=None
+):
+    """(forward/backward peak, activations, logits) in bytes, from micro-batches run on fake tensors;
+    `offloaded` (a one-item list) turns activation offload on and receives the bytes offloaded per micro-batch."""
     from accelerate.utils import convert_outputs_to_fp32
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -191,12 +261,15 @@ def _simulate(model, causal: bool, batch: int, seq_len: int, tokens: int, autoca
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with tracker:
             for _ in range(micro_batches):  # a second one runs with the first one's gradients held
-                if causal:
-                    loss = lm_loss.next_token_loss(model, {**inputs, "labels": ids})
-                else:
-                    labels = torch.zeros(batch, dtype=torch.float32 if model.config.num_labels == 1 else torch.long)
-                    loss = summed_classification_loss(model(**inputs).logits, labels)
-                    marks.setdefault("activations", tracker.live)
+                if offloaded is not None:
+                    offloaded[0] = 0
+                with _offload_hooks(offloaded) if offloaded is not None else contextlib.nullcontext():
+                    if causal:
+                        loss = lm_loss.next_token_loss(model, {**inputs, "labels": ids})
+                    else:
+                        labels = torch.zeros(batch, dtype=torch.float32 if model.config.num_labels == 1 else torch.long)
+                        loss = summed_classification_loss(model(**inputs).logits, labels)
+                        marks.setdefault("activations", tracker.live)
                 loss.backward()
                 del loss
         if hook is not None:
@@ -233,27 +306,55 @@ def estimate_memory(
     sharding: str = "none",
     device_type: str = "cuda",
     gradient_accumulation_steps: int = 1,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    activation_offload: bool = False,
 ) -> MemoryEstimate:
     """Peak memory per process of training `auto_class` built from `model_config` (see the module docstring).
 
     `loss_tokens`: target tokens per micro-batch (the chunked loss drops the others); default all of them.
     `gradient_accumulation_steps` > 1: the micro-batches after the first run beside the gradients.
+    `quantization` (nf4, fp4, int8): the base's linear layers held quantized, the other frozen weights in the compute
+    dtype (`finetune.core.quantization`); `activation_offload`: the large saved activations held in host memory.
     """
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     causal = _task_type(auto_class) == "CAUSAL_LM"
     dtype = WEIGHT_DTYPES[weights_dtype]
-    model = build_meta_model(model_config, auto_class, lora, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+    if quantization is not None:  # the frozen weights load in the compute dtype, the trained ones stay in `dtype`
+        from finetune.core.quantization import compute_dtype
+
+        frozen_dtype = compute_dtype(mixed_precision, weights_dtype)
+        model = build_meta_model(model_config, auto_class, dtype=frozen_dtype)
+        quantized = quantized_layers(model)
+        model = build_meta_model(
+            model_config, auto_class, lora, dtype=frozen_dtype, gradient_checkpointing=gradient_checkpointing
+        )
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    else:
+        quantized = {}
+        model = build_meta_model(
+            model_config, auto_class, lora, dtype=dtype, gradient_checkpointing=gradient_checkpointing
+        )
     if causal and chunked_loss:
         lm_loss.enable_chunked_loss(model)
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for _, p in named)
+    notes = []
+    if quantized:
+        held = sum(quantized_bytes(shape, quantization, double_quant) for shape, _ in quantized.values())
+        weights += held - sum(_numel(shape) * itemsize for shape, itemsize in quantized.values())
+        constants = "double-quantized constants" if double_quant and quantization != "int8" else "constants"
+        notes.append(
+            f"{quantization} base: {len(quantized)} linear layers in {_human(held)} with their {constants}; the "
+            "other frozen weights in the compute dtype; one layer dequantized at a time"
+        )
     gradients = sum(p.numel() * p.element_size() for _, p in trainable)
-    optim = {"adamw": 2, "sgd": 0}[optimizer] * gradients  # AdamW: exp_avg and exp_avg_sq, in the weights' dtype
-    notes = [
-        "fused AdamW: 2 states per trainable weight, stepped in place" if optimizer == "adamw" else "SGD: no state"
-    ]
+    optim, optimizer_note = optimizer_state_bytes(optimizer, trainable)
+    notes.append(optimizer_note)
     transient = 0
     decayed = [p.numel() * p.element_size() for n, p in trainable if not any(s in n for s in NO_DECAY)]
     if optimizer == "sgd" and decayed:  # grad + weight_decay * weight, out of place: all at once with foreach (CUDA)
@@ -262,9 +363,20 @@ def estimate_memory(
     autocast = HALF.get(mixed_precision or "no")
     tokens = min(loss_tokens or micro_batch_size * (seq_len - 1), micro_batch_size * (seq_len - 1))
     sharded = num_processes > 1 and sharding in ("zero2", "zero3", "fsdp")
+    offloaded = [0]
     try:
         micro = min(gradient_accumulation_steps, 2)
-        fb, activations, logits = _simulate(model, causal, micro_batch_size, seq_len, tokens, autocast, micro, sharded)
+        fb, activations, logits = _simulate(
+            model,
+            causal,
+            micro_batch_size,
+            seq_len,
+            tokens,
+            autocast,
+            micro,
+            sharded,
+            offloaded if activation_offload else None,
+        )
     except Exception as err:  # noqa: BLE001  (model code fake tensors cannot run, e.g. data-dependent shapes)
         half = autocast is not None or weights_dtype == "bf16"
         fb, (activations, logits) = (
@@ -274,6 +386,10 @@ def estimate_memory(
         notes.append(f"the forward failed on fake tensors ({type(err).__name__}): activations by a rough rule")
     if autocast is not None:
         notes.append(f"{mixed_precision} autocast: activations include the weights' half-precision copies")
+    if quantized and fb is not None:  # a quantized layer computes with its weight dequantized, one layer at a time
+        fb += max(_numel(shape) for shape, _ in quantized.values()) * frozen_dtype.itemsize
+    if activation_offload:
+        notes.append(f"activation offload: {_human(offloaded[0])} of saved activations wait in pinned host memory")
 
     buffers = 0
     if num_processes > 1:

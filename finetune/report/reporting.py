@@ -10,8 +10,10 @@ import warnings as py_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
+from finetune.core import quantization
 from finetune.core.config import config_to_dict
 from finetune.core.modeling import save_final
 from finetune.core.run_dir import write_json
@@ -86,10 +88,11 @@ def finish_run(
     sizes: tuple[int, int],
     label_names: list[str] | None = None,
     data_stats: dict | None = None,
+    validation=None,
 ) -> None:
     """The end of every recipe's run: final/, eval_results.json, curves.png and the closing lines, from what `fit`
     left (`outcome`) and the recipe's data: `sizes` = (training, validation) examples or rows; `scores` are the
-    metrics the done line prints."""
+    metrics the done line prints; `validation` (batches) checks a quantized model's merge (`merge_check`)."""
     progress = outcome.progress
     train_examples, validation_examples = sizes
     summary = RunSummary(
@@ -106,7 +109,19 @@ def finish_run(
         label_names=label_names,
         early_stopping=outcome.early_stopping,
     )
+    if validation is not None and quantization.is_quantized(run.accelerator.unwrap_model(model)):
+        summary.extra["merged_model"] = merge_check(run.accelerator, model, validation)
     write_outputs(run.accelerator, model, tokenizer, run.cfg, run.dir.root, summary, run.cfg.data.max_length)
+
+
+def merge_check(accelerator: Accelerator, model, validation) -> dict:
+    """How far final/'s merged model is from the quantized model with its adapter (`quantization.merge_gap`), over
+    the first validation batches of every process, the largest difference of all of them."""
+    gap = quantization.merge_gap(accelerator.unwrap_model(model), validation, accelerator.device, accelerator.autocast)
+    if "not_measured" in gap or accelerator.num_processes == 1:
+        return gap
+    worst = accelerator.gather(torch.tensor([gap["max_logit_difference"]], device=accelerator.device))
+    return {**gap, "max_logit_difference": float(worst.max())}
 
 
 def write_outputs(

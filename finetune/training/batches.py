@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-from finetune.core import optim
+from finetune.core import optim, quantization
 from finetune.core.compile import batch_collators
 from finetune.core.data import CollatedOnce, longest_batch, make_dataloader
 from finetune.core.fsdp import prepare_fsdp
 from finetune.core.geometry import BatchGeometry, find_micro_batch_size
 from finetune.core.memory import rehearse_step
 from finetune.core.modeling import apply_lora, parameter_counts
-from finetune.core.precision import check_trainable_dtypes
+from finetune.core.precision import WEIGHT_DTYPES, check_trainable_dtypes
 from finetune.core.startup import startup
+from finetune.training import levers
 from finetune.training.launch import settle_geometry
 from finetune.training.run import Run
 from finetune.training.step import LossFn
@@ -34,6 +35,8 @@ def prepare_model(run: Run, model: torch.nn.Module, lora_task_type: str, adapt=N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type=lora_task_type)
+    if quantization.is_quantized(model):  # adapters and a head come in the compute dtype beside a quantized base
+        quantization.cast_trainable(model, WEIGHT_DTYPES[cfg.train.weights_dtype])
     if adapt is not None:
         adapt(model)
     check_trainable_dtypes(model, cfg.train.weights_dtype)
@@ -67,7 +70,7 @@ def batch_geometry(
         lambda size, steps: rehearse_step(
             accelerator.unwrap_model(model),  # no all-reduce: each process rehearses on its own
             optimizer,
-            loss,
+            levers.training_loss(cfg.train, loss),
             longest_batch(train_set, collate, size, accelerator.device),
             steps,
             eval_batch,

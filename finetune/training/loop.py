@@ -19,6 +19,7 @@ from finetune.core.optim import build_scheduler, total_optimizer_steps
 from finetune.core.precision import LostUpdateCheck
 from finetune.core.run_dir import RunDir
 from finetune.core.startup import startup
+from finetune.training import levers
 from finetune.training.checkpoints.resume import load_checkpoint, resume, resume_command
 from finetune.training.checkpoints.writer import CheckpointWriter
 from finetune.training.progress import Progress
@@ -224,7 +225,7 @@ def fit(run: Run, model, optimizer, tokenizer, train_loader, task: Task, data_su
             model,
             optimizer,
             scheduler,
-            task.loss,
+            levers.training_loss(cfg.train, task.loss),
             signals,
             max_grad_norm=cfg.train.max_grad_norm,
             on_nonfinite=cfg.train.on_nonfinite_loss,

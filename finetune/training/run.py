@@ -4,7 +4,7 @@ A recipe reads:
 
     run = open_run(ClassifyConfig, argv, DEFAULT_CONFIG, "recipes/classify.py")  # config, output dir, resume point
     ...the recipe's cheap checks: data, tokenizer, model limits...
-    launch(run)                                                                    # Accelerator, batch geometry
+    launch(run, model_config, auto_class)                   # Accelerator, batch geometry, checks of the levers
     start_run(run)                                                                 # output dir ready, the run's log
 
 `Run` is what the loop (`finetune.training.loop.fit`), the batches (`finetune.training.batches`), the checkpoint
@@ -31,6 +31,7 @@ from finetune.core.startup import startup
 from finetune.training.checkpoints.layout import read_progress
 from finetune.training.checkpoints.resume import config_changes, refuse_changes, resolve_resume, trim_metrics_log
 from finetune.training.launch import make_accelerator
+from finetune.training.levers import check_levers, weights_loading
 from finetune.training.tracking import RunLog, resolve_trackers
 
 
@@ -58,6 +59,10 @@ class Run:
     def dry_run(self) -> bool:
         return DRY_RUN in self.argv
 
+    def weights_loading(self) -> dict:
+        """How the trained model's weights load (`levers.weights_loading`): pass to the recipe's model loader."""
+        return weights_loading(self.cfg, self.accelerator)
+
 
 def open_run(schema: type, argv: list[str], default_config: Path, script: str) -> Run:
     """The config from argv; the output dir, checked; the checkpoint to resume (None: a fresh run).
@@ -84,12 +89,13 @@ def open_run(schema: type, argv: list[str], default_config: Path, script: str) -
     return Run(cfg=cfg, script=script, argv=list(argv), dir=RunDir(output_dir), resume_from=resume_dir)
 
 
-def launch(run: Run) -> Run:
-    """The Accelerator as launched, the batch geometry the config asks for (None with `auto`), and the precision
-    checks that need to know the device."""
+def launch(run: Run, model_config, auto_class) -> Run:
+    """The Accelerator as launched, the batch geometry the config asks for (None with `auto`), and the checks that
+    need to know the device and the model's config: the precision, the memory levers (`levers.check_levers`)."""
     cfg = run.cfg
     run.accelerator, run.geometry = make_accelerator(cfg.train, resolve_trackers(cfg.logging.trackers), run.dir.root)
     check_precision(cfg.train.weights_dtype, run.accelerator)
+    check_levers(cfg, run.accelerator, model_config, auto_class)
     return run
 
 

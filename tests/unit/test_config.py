@@ -273,6 +273,8 @@ def test_recipe_and_scorer_groups_extend_the_shared_groups():
         "name_or_path",
         "revision",
         "trust_remote_code",
+        "quantization",
+        "double_quant",
         "random_init",
         "attn_implementation",
     ]

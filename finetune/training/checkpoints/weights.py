@@ -1,4 +1,5 @@
-"""The weights of a checkpoint: written once in model/, read back bitwise, a LoRA base hashed."""
+"""The weights of a checkpoint: written once in model/, read back bitwise, a LoRA base hashed (a quantized one with
+its quantization)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from finetune.core.errors import UserError
+from finetune.core.quantization import quantization_record, quiet_bitsandbytes
 from finetune.core.run_dir import write_json
 from finetune.training.checkpoints.layout import BASE_MODEL_FILE, MODEL_DIR
 
@@ -30,7 +32,10 @@ def keep_weights_once(accelerator: Accelerator) -> None:
 
     def skip_weights(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process and models and (digest := fingerprint(models[0])) is not None:
-            write_json(Path(output_dir) / BASE_MODEL_FILE, {"frozen_weights_xxh3_128": digest})
+            quantized = quantization_record(extract_model_from_parallel(models[0], keep_torch_compile=False))
+            write_json(
+                Path(output_dir) / BASE_MODEL_FILE, {"frozen_weights_xxh3_128": digest, "quantization": quantized}
+            )
         weights.clear()
 
     def load_weights(models: list, input_dir: str) -> None:
@@ -38,7 +43,15 @@ def keep_weights_once(accelerator: Accelerator) -> None:
         if not models or (state_dir / "model.safetensors").is_file():  # an older checkpoint, weights in state/
             return
         saved = state_dir / BASE_MODEL_FILE
-        if saved.is_file() and json.loads(saved.read_text())["frozen_weights_xxh3_128"] != fingerprint(models[0]):
+        base = json.loads(saved.read_text()) if saved.is_file() else {}
+        quantized = quantization_record(extract_model_from_parallel(models[0], keep_torch_compile=False))
+        if base and base.get("quantization") != quantized:
+            raise UserError(
+                f"{state_dir.parent} was trained on a base quantized as {base.get('quantization')}, but this run "
+                f"loads it as {quantized}: its adapter and optimizer state belong to the other. Resume with the "
+                "checkpoint's model.quantization and model.double_quant (and the same mixed precision)."
+            )
+        if base and base["frozen_weights_xxh3_128"] != fingerprint(models[0]):
             raise UserError(
                 f"{state_dir.parent} was trained with LoRA on a different base model: the frozen weights of "
                 "model.name_or_path do not hash to what the checkpoint recorded. Resume with the base model the run "
@@ -75,6 +88,7 @@ def load_model_dir(model: torch.nn.Module, model_dir: Path) -> None:
 
     adapter = model_dir / "adapter_model.safetensors"
     if adapter.is_file():
+        quiet_bitsandbytes()
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(adapter))
