@@ -38,6 +38,25 @@ def candidate_micro_batches(train, processes: int) -> list[int]:
     return sizes if sizes[-1] == largest else [*sizes, largest]
 
 
+def levers_text(cfg, chunked_loss: bool) -> str:
+    """The memory levers the estimate assumes, as the config sets them."""
+    model, train = cfg.model, cfg.train
+    levers = []
+    if model.quantization:
+        levers.append(f"{model.quantization} base weights" + (", double-quantized" if model.double_quant else ""))
+    if cfg.lora.enabled:
+        levers.append(f"LoRA r={cfg.lora.r}")
+    levers.append(f"{train.optimizer} optimizer")
+    levers.append(f"{train.weights_dtype} trained weights")
+    if train.gradient_checkpointing:
+        levers.append("gradient checkpointing")
+    if chunked_loss:
+        levers.append("chunked loss")
+    if train.activation_offload:
+        levers.append("activation offload")
+    return ", ".join(levers)
+
+
 def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: int, model_config, auto_class) -> None:
     """Print the dry run (main process): launch, data, batches and steps, parameters, memory per process.
 
@@ -90,6 +109,9 @@ def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: in
             lora=cfg.lora if cfg.lora.enabled else None,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             chunked_loss=chunked_loss,
+            quantization=cfg.model.quantization,
+            double_quant=cfg.model.double_quant,
+            activation_offload=cfg.train.activation_offload,
             num_processes=processes,
             sharding=sharding(accelerator),
             device_type=accelerator.device.type,
@@ -107,6 +129,7 @@ def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: in
     if len(estimates) > 1:
         lines.append(f"peak memory per process by micro-batch of {seq_len} tokens (estimate):")
         lines += [f"  {micro:>5}: {estimate.peak / 2**20:,.1f} MiB" for micro, estimate in estimates.items()]
+    lines.append(f"memory levers: {levers_text(cfg, chunked_loss)}")
     lines.append(f"peak memory per process at micro-batch {micro_sizes[-1]} x {seq_len} tokens (estimate):")
     lines += [f"  {line}" for line in largest.describe().splitlines()]
     print("\n".join(lines), flush=True)

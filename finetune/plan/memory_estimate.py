@@ -224,11 +224,26 @@ def _offload_hooks(offloaded: list[int]):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
+def _plain_module_name(name: str) -> str:
+    """A module's name in the plain model, from its name inside a peft model."""
+    return name.removeprefix("base_model.model.").removesuffix(".base_layer")
+
+
 def _simulate(
-    model, causal: bool, batch: int, seq_len: int, tokens: int, autocast, micro_batches: int, sharded, offloaded=None
+    model,
+    causal: bool,
+    batch: int,
+    seq_len: int,
+    tokens: int,
+    autocast,
+    micro_batches: int,
+    sharded,
+    offloaded=None,
+    inputs_kept_by=(),
 ):
     """(forward/backward peak, activations, logits) in bytes, from micro-batches run on fake tensors;
-    `offloaded` (a one-item list) turns activation offload on and receives the bytes offloaded per micro-batch."""
+    `offloaded` (a one-item list) turns activation offload on and receives the bytes offloaded per micro-batch;
+    the modules `inputs_kept_by` hold their input until backward is through."""
     from accelerate.utils import convert_outputs_to_fp32
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -256,6 +271,11 @@ def _simulate(
                 args[0].register_hook(head_exit)
 
         hook = head.register_forward_pre_hook(head_entry) if head is not None else None
+        kept: list[torch.Tensor] = []
+        keep_hooks = [
+            m.register_forward_hook(lambda m, args, out: kept.append(args[0]) if args[0].requires_grad else None)
+            for m in inputs_kept_by
+        ]
         ids = torch.zeros(batch, seq_len, dtype=torch.long)
         # Fake ones could be padding: transformers builds the attention mask that padded (or packed) batches get.
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -272,8 +292,11 @@ def _simulate(
                         marks.setdefault("activations", tracker.live)
                 loss.backward()
                 del loss
+                kept.clear()
         if hook is not None:
             hook.remove()
+        for keep_hook in keep_hooks:
+            keep_hook.remove()
     return tracker.peak, marks.get("activations", 0), marks.get("logits", 0)
 
 
@@ -357,6 +380,11 @@ def estimate_memory(
     notes.append(optimizer_note)
     transient = 0
     decayed = [p.numel() * p.element_size() for n, p in trainable if not any(s in n for s in NO_DECAY)]
+    eight_bit = [p.numel() for _, p in trainable if p.numel() >= MIN_8BIT_SIZE]
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit") and device_type == "cpu" and eight_bit:
+        # bitsandbytes' CPU step dequantizes a tensor's two states to fp32 and adds an fp32 gradient, a square root
+        # and the denominator beside them, tensor by tensor (its CUDA kernel updates in place)
+        transient = 5 * 4 * max(eight_bit)
     if optimizer == "sgd" and decayed:  # grad + weight_decay * weight, out of place: all at once with foreach (CUDA)
         transient = sum(decayed) if device_type == "cuda" else max(decayed)
 
@@ -364,6 +392,12 @@ def estimate_memory(
     tokens = min(loss_tokens or micro_batch_size * (seq_len - 1), micro_batch_size * (seq_len - 1))
     sharded = num_processes > 1 and sharding in ("zero2", "zero3", "fsdp")
     offloaded = [0]
+    # LLM.int8 layers keep their input for backward (bitsandbytes' MatMul8bitLt), which a frozen linear layer need not
+    int8_layers = [
+        m
+        for n, m in model.named_modules()
+        if quantization == "int8" and isinstance(m, torch.nn.Linear) and _plain_module_name(n) in quantized
+    ]
     try:
         micro = min(gradient_accumulation_steps, 2)
         fb, activations, logits = _simulate(
@@ -376,6 +410,7 @@ def estimate_memory(
             micro,
             sharded,
             offloaded if activation_offload else None,
+            int8_layers,
         )
     except Exception as err:  # noqa: BLE001  (model code fake tensors cannot run, e.g. data-dependent shapes)
         half = autocast is not None or weights_dtype == "bf16"
@@ -388,6 +423,9 @@ def estimate_memory(
         notes.append(f"{mixed_precision} autocast: activations include the weights' half-precision copies")
     if quantized and fb is not None:  # a quantized layer computes with its weight dequantized, one layer at a time
         fb += max(_numel(shape) for shape, _ in quantized.values()) * frozen_dtype.itemsize
+        if quantization == "int8":  # LLM.int8 also quantizes the layer's input (int8) and accumulates in int32
+            rows = micro_batch_size * seq_len
+            fb += max(rows * (shape[1] + 4 * shape[0]) for shape, _ in quantized.values())
     if activation_offload:
         notes.append(f"activation offload: {_human(offloaded[0])} of saved activations wait in pinned host memory")
 

@@ -9,6 +9,7 @@ per case through /proc/self/clear_refs, and glibc's mmap threshold is fixed so t
 at once. Tiny cases run first to take the one-time allocations (lazily imported modules, library state).
 
     python tests/unit/test_memory_estimate.py --table    # every case, bf16 autocast included: ~5 minutes on one core
+    python tests/unit/test_memory_estimate.py --levers   # every memory lever on a ~125M LLaMA: ~10 minutes
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ REPO = Path(__file__).resolve().parents[2]
 LORA = LoraConfig(enabled=True)
 # ~20M parameters (two 32k x 256 embeddings), and ~11M: small enough for 2 steps in ~1 s on one core.
 LLAMA = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+# ~125M parameters, LLaMA-shaped: the memory levers' table (`--levers`).
+LLAMA_100M = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+)
 BERT = dict(vocab_size=30522, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
 CASES = {
     "llama full fp32 AdamW": dict(arch="llama", batch=2, seq=256),
@@ -51,10 +61,37 @@ CASES = {
     "llama bf16 autocast": dict(arch="llama", batch=2, seq=256, mixed="bf16"),
     "llama bf16 autocast, chunked loss": dict(arch="llama", batch=2, seq=128, mixed="bf16", chunked=True),
     "llama bf16 weights": dict(arch="llama", batch=2, seq=256, weights_dtype="bf16"),
+    # QLoRA and 8-bit AdamW (bitsandbytes on CPU)
+    "llama QLoRA nf4": dict(arch="llama", batch=2, seq=256, lora=True, quant="nf4"),
+    "llama QLoRA nf4, 8-bit AdamW, checkpointing, chunked": dict(
+        arch="llama", batch=2, seq=256, lora=True, quant="nf4", optimizer="adamw_8bit", checkpointing=True, chunked=True
+    ),
+    "llama QLoRA int8": dict(arch="llama", batch=2, seq=256, lora=True, quant="int8"),
+    "llama full, 8-bit AdamW": dict(arch="llama", batch=2, seq=256, optimizer="adamw_8bit"),
+    "bert QLoRA nf4": dict(arch="bert", batch=16, seq=128, lora=True, quant="nf4"),
 }
-MEASURED = list(CASES)[:6]
+MEASURED = [*list(CASES)[:6], "llama QLoRA nf4, 8-bit AdamW, checkpointing, chunked", "llama full, 8-bit AdamW"]
+# Each lever and their combinations on the ~125M LLaMA (`python tests/unit/test_memory_estimate.py --levers`).
+_100M = dict(arch="llama100m", batch=2, seq=256)
+LEVER_CASES = {
+    "full": dict(_100M),
+    "full, 8-bit AdamW": dict(_100M, optimizer="adamw_8bit"),
+    "full, checkpointing, chunked": dict(_100M, checkpointing=True, chunked=True),
+    "LoRA": dict(_100M, lora=True),
+    "QLoRA nf4": dict(_100M, lora=True, quant="nf4"),
+    "QLoRA int8": dict(_100M, lora=True, quant="int8"),
+    "QLoRA nf4, 8-bit AdamW": dict(_100M, lora=True, quant="nf4", optimizer="adamw_8bit"),
+    "QLoRA nf4, 8-bit AdamW, checkpointing": dict(
+        _100M, lora=True, quant="nf4", optimizer="adamw_8bit", checkpointing=True
+    ),
+    "QLoRA nf4, 8-bit AdamW, checkpointing, chunked": dict(
+        _100M, lora=True, quant="nf4", optimizer="adamw_8bit", checkpointing=True, chunked=True
+    ),
+}
+CASES.update({f"100M {name}": case for name, case in LEVER_CASES.items()})
 # Run first, not measured: what a process allocates once (lazily imported modules, library state) on each path.
 WARM_UP = [dict(arch=arch, batch=1, seq=32, lora=True, checkpointing=True, chunked=True) for arch in ("llama", "bert")]
+WARM_UP.append(dict(arch="llama", batch=1, seq=32, lora=True, quant="nf4", optimizer="adamw_8bit"))  # bitsandbytes
 # `python tests/unit/test_memory_estimate.py --table` measured every fp32 and bf16-weight case above within
 # -1.0%..+0.1%: the simulated storages match the live tensor bytes exactly, and what the estimate leaves out (GEMM
 # packing buffers, ~4 MiB; allocator and library slack) is a few MiB. 5% of these 200-600 MiB peaks leaves 10-30 MiB
@@ -62,11 +99,17 @@ WARM_UP = [dict(arch=arch, batch=1, seq=32, lora=True, checkpointing=True, chunk
 # chunk-sized temporary left out: -15% to -27%). (bf16 autocast with the chunked loss measured -8.5%: CPU bf16
 # matmuls without native bf16 hold their output in fp32 for a moment, which GPUs do not.)
 TOLERANCE = 0.05
+# A quantized base measured -4% to -10% on these small models: the tensors alive match the estimate within 1%
+# (counted through a dispatch mode on real tensors), and bitsandbytes' CPU kernels hold 15-35 MB more outside torch's
+# tensors. On the ~125M model (`--levers`) that is a smaller share; the issue's bound for every lever is 10%.
+QUANTIZED_TOLERANCE = 0.10
 
 
 def model_config(case: dict):
     if case["arch"] == "llama":
         return LlamaConfig(**LLAMA), AutoModelForCausalLM
+    if case["arch"] == "llama100m":
+        return LlamaConfig(**LLAMA_100M), AutoModelForCausalLM
     return BertConfig(**BERT, num_labels=3), AutoModelForSequenceClassification
 
 
@@ -84,6 +127,7 @@ def estimate(case: dict) -> MemoryEstimate:
         gradient_checkpointing=case.get("checkpointing", False),
         chunked_loss=case.get("chunked", False),
         device_type="cpu",
+        quantization=case.get("quant"),
     )
 
 
@@ -98,25 +142,73 @@ def _status(key: str) -> int:
 
 def measure(case: dict) -> int:
     """Peak RSS growth of building the model and 2 training steps, in bytes (run in a fresh process)."""
-    from accelerate.utils import convert_outputs_to_fp32
-
-    from finetune.core.optim import build_optimizer
     from finetune.core.precision import WEIGHT_DTYPES
-    from finetune.lm.loss import enable_chunked_loss, next_token_loss
-    from finetune.training.accumulation import summed_classification_loss
 
     config, auto_class = model_config(case)
+    if case.get("quant"):
+        return measure_quantized(case, config, auto_class)
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status("VmRSS")
     torch.manual_seed(0)
     model = auto_class.from_config(config, dtype=WEIGHT_DTYPES[case.get("weights_dtype", "fp32")])
+    return _train_two_steps(case, config, model, before)
+
+
+def measure_quantized(case: dict, config, auto_class) -> int:
+    """As `measure`, the base's linear layers quantized by bitsandbytes as the recipes' loading leaves them (the layers
+    `finetune.core.quantization.quantizable_linears` names), but quantized in memory: loading from a checkpoint
+    would also leave the checkpoint file mapped, its pages read while quantizing resident (file-backed, reclaimable
+    by the OS, and on a GPU no part of its memory), which is the loader's and not the levers'. The peak counts from
+    after the quantization; the quantized weights are counted."""
+    from finetune.core import quantization
+
+    bnb = quantization.import_bitsandbytes()
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    before = _status("VmRSS")
+    torch.manual_seed(0)
+    model = auto_class.from_config(config)
+    for name in quantization.quantizable_linears(model):
+        parent_name, _, attr = name.rpartition(".")
+        linear = model.get_submodule(name)
+        bias = linear.bias is not None
+        if case["quant"] == "int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, torch.float32, True, case["quant"])
+            layer.weight = bnb.nn.Params4bit(
+                linear.weight.data, requires_grad=False, compress_statistics=True, quant_type=case["quant"]
+            )
+        if bias:
+            layer.bias = linear.bias
+        setattr(model.get_submodule(parent_name), attr, layer.to("cpu"))  # bitsandbytes quantizes as it moves
+        del linear
+    model.is_quantized = True  # as transformers marks a quantized model (peft then prepares its adapters for it)
+    quantization.keep_training_numerics(model)
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the full-precision weights came and went: not training's
+    return _train_two_steps(case, config, model, before)
+
+
+def _train_two_steps(case: dict, config, model, before: int) -> int:
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from finetune.core import quantization
+    from finetune.core.optim import build_optimizer
+    from finetune.lm.loss import enable_chunked_loss, next_token_loss
+    from finetune.training.accumulation import summed_classification_loss
+
     if case.get("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    causal = case["arch"] == "llama"
+    causal = case["arch"].startswith("llama")
     if case.get("lora"):
         model = apply_lora(model, LORA, "CAUSAL_LM" if causal else "SEQ_CLS")
+    if case.get("quant"):
+        quantization.cast_trainable(model, torch.float32)
     if case.get("chunked") and causal:
         enable_chunked_loss(model)
     model.train()
@@ -152,10 +244,11 @@ def worker(names: list[str]) -> None:
 def run_worker(names: list[str]) -> dict[str, int]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(names)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, __file__, "--worker", json.dumps(names)], capture_output=True, text=True, env=env, timeout=3600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return {k: v for line in out.stdout.splitlines() for k, v in json.loads(line).items()}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]  # libraries may print too
+    return {k: v for line in lines for k, v in json.loads(line).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +269,8 @@ def measured() -> dict[str, int]:
 @pytest.mark.parametrize("name", MEASURED)
 def test_peak_matches_measured_training_steps(name, measured):
     peak, real = estimate(CASES[name]).peak, measured[name]
-    assert abs(peak - real) <= TOLERANCE * real, f"{name}: estimate {peak / 2**20:.1f} MiB, measured {real / 2**20:.1f}"
+    tolerance = QUANTIZED_TOLERANCE if CASES[name].get("quant") else TOLERANCE
+    assert abs(peak - real) <= tolerance * real, f"{name}: estimate {peak / 2**20:.1f} MiB, measured {real / 2**20:.1f}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -277,9 +371,10 @@ def test_describe_lists_every_part_and_the_notes(tiny_config):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         worker(json.loads(sys.argv[2]))
-    elif sys.argv[1:] == ["--table"]:
-        results = run_worker(list(CASES))
+    elif sys.argv[1:2] in (["--table"], ["--levers"]):
+        names = list(CASES) if sys.argv[1] == "--table" else [f"100M {name}" for name in LEVER_CASES]
+        results = run_worker(names)
         print("| case | estimate MiB | measured MiB | error % |\n| --- | ---: | ---: | ---: |")
-        for name in CASES:
+        for name in names:
             peak, real = estimate(CASES[name]).peak, results[name]
             print(f"| {name} | {peak / 2**20:.1f} | {real / 2**20:.1f} | {100 * (peak - real) / real:+.1f} |")
