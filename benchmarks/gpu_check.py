@@ -13,7 +13,9 @@ Rows:
   bert-large lora 4 GiB      the same with LoRA under 4 GiB
   fsdp2 resume               fsdp.yaml (1 process, bf16): trains, and a run resumed from its step-20 checkpoint ends
                              bitwise equal to it
-  pytest                     the whole suite (GPU-only tests included)
+  pytest                     the whole suite (GPU-only tests included: activation offload's gradients and peak).
+                             bitsandbytes (a 43 MB wheel) does not fit this carry beside MiniLM: the QLoRA tests
+                             skip here, and benchmarks/memory_levers.py --gpu carries it and runs them
 """
 
 from __future__ import annotations

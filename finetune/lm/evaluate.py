@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from finetune.core.errors import UserError
+from finetune.lm.probes import chunked_evaluation_loss
 from finetune.training.accumulation import IGNORE_INDEX, count_next_token_terms
 from finetune.training.run import Run
 
@@ -154,6 +155,7 @@ def evaluator(run: Run, model, tokenizer, val_loader, prompts: list[dict], loss_
     """The SFT recipe's evaluation at a step: loss and perplexity on the validation set, then greedy answers to
     `prompts` scored by exact match and written to the run's generations/ (main process)."""
     accelerator, cfg = run.accelerator, run.cfg
+    loss_fn = chunked_evaluation_loss(model, loss_fn)  # no full-vocabulary fp32 logits, whatever training does
 
     def evaluate(step: int) -> dict:
         metrics = evaluate_lm(accelerator, model, val_loader, loss_fn, cfg.train.on_nonfinite_loss)

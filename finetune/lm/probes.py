@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from finetune.core.errors import UserError
-from finetune.lm.loss import chunk_output_layer, enable_chunked_loss, next_token_loss, unwrap
+from finetune.lm.loss import (
+    chunk_output_layer,
+    disable_chunked_loss,
+    enable_chunked_loss,
+    find_chunked_head,
+    next_token_loss,
+    unwrap,
+)
 from finetune.lm.reference_kernels import reference_flash_kernels, reference_flex_kernels
 from finetune.lm.tiny_models import (
     PROBE_SEED,
@@ -359,3 +366,27 @@ def enable_exact_chunked_loss(model: nn.Module, chunk_size: int | None = None) -
         return False
     enable_chunked_loss(model, chunk_size)
     return True
+
+
+def chunked_evaluation_loss(model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor]):
+    """The loss an evaluation runs: `loss_fn` itself when the model's output layer is chunked already (training's
+    loss is); otherwise the same loss with the chunked output layer switched on for each evaluation batch only
+    (where the probe shows it exact), so that an evaluation never holds (tokens x vocabulary) fp32 logits, even
+    where training does (train.chunked_loss=false)."""
+    base = unwrap(model)
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    if find_chunked_head(model) is not None or type(head) is not nn.Linear:
+        return loss_fn
+    try:
+        check_chunked_loss_exact(base)
+    except (ChunkedLossUnchecked, UserError):
+        return loss_fn  # a model whose logits the chunked loss cannot reproduce keeps its plain loss
+
+    def chunked_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        chunk_output_layer(model)
+        try:
+            return loss_fn(model, batch)
+        finally:
+            disable_chunked_loss(model)
+
+    return chunked_loss

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import (
     REPO,
     SFT,
@@ -32,6 +33,9 @@ import finetune.core.modeling
 from finetune.training.checkpoints.layout import BASE_MODEL_FILE, CHECKPOINTS_DIR, PROGRESS_FILE, STATE_DIR
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs .[quant]")
+
+# fp32 on a CPU: the same weights, summed in another order; a GPU may compute fp32 matmuls in TF32.
+MERGE_BOUND = 1e-4 if not torch.cuda.is_available() else 2e-2
 
 QLORA = ["lora.enabled=true", "model.quantization=nf4", "train.optimizer=adamw_8bit", "train.lr=1e-2"]
 
@@ -60,7 +64,7 @@ def test_kill_9_then_resume_of_a_qlora_run_with_8bit_adamw_is_bitwise(qlora_run,
 def test_final_is_merged_onto_the_dequantized_base_and_classifies(qlora_run):
     results = json.loads((qlora_run / "eval_results.json").read_text())
     gap = results["merged_model"]
-    assert gap["batches"] >= 1 and gap["max_logit_difference"] < 1e-4  # fp32: the same weights, summed otherwise
+    assert gap["batches"] >= 1 and gap["max_logit_difference"] < MERGE_BOUND * max(1.0, gap["max_abs_logit"])
     assert "quantization_config" not in json.loads((qlora_run / "final" / "config.json").read_text())
     classifier = pipeline("text-classification", model=str(qlora_run / "final"), device="cpu")
     assert classifier("apple pear plum")[0]["label"] in {"animal", "fruit", "vehicle"}
@@ -102,7 +106,8 @@ def test_qlora_sft_learns_merges_and_generates_through_pipeline(tiny_lm, chat_da
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert sum(losses[-4:]) < sum(losses[:4])
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["merged_model"]["max_logit_difference"] < 1e-4
+    gap = results["merged_model"]
+    assert gap["max_logit_difference"] < MERGE_BOUND * max(1.0, gap["max_abs_logit"])
     assert AutoConfig.from_pretrained(out / "final").to_dict().get("quantization_config") is None
     generator = pipeline("text-generation", model=str(out / "final"), device="cpu")
     reply = generator([{"role": "user", "content": "reverse abc"}], max_new_tokens=4, do_sample=False)
@@ -124,6 +129,8 @@ def never_loaded(*args, **kwargs):
 def test_levers_that_cannot_work_here_exit_2_before_loading(
     extra, message, tiny_lm, chat_data, tiny_bert, toy_data, tmp_path, capsys, monkeypatch
 ):
+    if torch.cuda.is_available() and "model.quantization" not in extra[0]:
+        pytest.skip("paged 8-bit AdamW and activation offload work on a GPU (tests/gpu/test_gpu.py runs them)")
     monkeypatch.setattr(finetune.core.modeling, "load_causal_lm", never_loaded)
     monkeypatch.setattr(finetune.classify.model, "load_classifier", never_loaded)
     assert message in run_bad(sft_args(tiny_lm, chat_data, tmp_path / "sft", *extra), capsys, SFT)

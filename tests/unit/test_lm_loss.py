@@ -511,3 +511,20 @@ def test_probe_verdicts_are_kept_per_class_attention_and_shrunk_config(monkeypat
     check_packing_supported(LlamaConfig(attn_implementation="eager", **llama_13b))
     check_packing_supported(LlamaConfig(attn_implementation="sdpa"), rows_per_batch=1)
     assert len(runs) == 3
+
+
+def test_evaluation_holds_no_full_logits_even_where_training_does():
+    """train.chunked_loss=false: the evaluation's loss still goes through the chunked output layer, for its batch
+    only (the same loss), and training's plain output layer is back afterwards."""
+    from finetune.lm.loss import find_chunked_head
+    from finetune.lm.probes import chunked_evaluation_loss
+
+    model = tiny_llama(dtype=torch.float32).eval()
+    batch = lm_batch(rows=4, length=32)
+    evaluation_loss = chunked_evaluation_loss(model, next_token_loss)
+    with torch.no_grad():
+        plain = next_token_loss(model, batch)
+        with LargestTensor() as largest:
+            chunked = evaluation_loss(model, batch)
+    assert largest.numel < 4 * 32 * VOCAB and torch.allclose(chunked, plain, rtol=1e-5)
+    assert find_chunked_head(model) is None
