@@ -148,8 +148,12 @@ def loading_kwargs(model_cfg, mixed_precision: str | None, weights_dtype: str, d
 @contextmanager
 def saved_random_weights(model: torch.nn.Module):
     """`model` (random weights, from its config) written to a temporary dir: quantized loading reads a checkpoint."""
+    from safetensors.torch import save_model
+
     with tempfile.TemporaryDirectory(prefix="finetune-random-init-") as tmp:
-        model.save_pretrained(tmp)
+        # Written by hand: every process needs its copy, and save_pretrained writes on rank 0 only
+        model.config.to_json_file(Path(tmp) / "config.json")
+        save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
         yield Path(tmp)
 
 

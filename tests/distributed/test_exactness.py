@@ -6,6 +6,7 @@ tests/unit/test_exactness.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -68,9 +69,16 @@ def test_recipe_split_of_the_global_batch_does_not_change_training(tiny_bert_no_
     assert any(r["grad_norm"] > 0.5 for r in logs["1 process, 16 x 1"]), "clipping never acted: test too weak"
 
 
-def test_sft_two_processes_train_like_one(tiny_lm, chat_data, tmp_path):
-    """2 processes x micro-batch 2 x accumulation 2 equals 1 process x micro-batch 8: tokens counted globally."""
+@pytest.mark.parametrize(
+    "levers", [[], ["lora.enabled=true", "lora.dropout=0", "model.quantization=nf4"]], ids=["full", "qlora-nf4"]
+)
+def test_sft_two_processes_train_like_one(levers, tiny_lm, chat_data, tmp_path):
+    """2 processes x micro-batch 2 x accumulation 2 equals 1 process x micro-batch 8: tokens counted globally
+    (also with QLoRA under DDP: each process holds the quantized base, the adapters' gradients are all-reduced)."""
+    if levers and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs .[quant]")
     common = [
+        *levers,
         "train.max_steps=3",
         "train.global_batch_size=8",
         "train.optimizer=sgd",
