@@ -129,6 +129,15 @@ def apply_lora(model: PreTrainedModel, lora, task_type: str = "SEQ_CLS") -> torc
         return get_peft_model(model, peft_config)
 
 
+def lora_follows_autocast(model: torch.nn.Module) -> None:
+    """Under mixed precision, LoRA adapters compute as every other layer does: in autocast's dtype, from their fp32
+    weights. peft casts each adapter's input to the adapters' dtype (fp32) by default: a full-precision copy of
+    every adapted layer's input, kept for backward (at 8B and 4,096 tokens, 224 MiB for one MLP input alone)."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
 

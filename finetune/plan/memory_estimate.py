@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from finetune.core.modeling import apply_lora
+from finetune.core.modeling import apply_lora, lora_follows_autocast
 from finetune.core.optim import NO_DECAY
 from finetune.core.precision import WEIGHT_DTYPES
 from finetune.lm import loss as lm_loss
@@ -361,6 +361,8 @@ def estimate_memory(
         model = build_meta_model(
             model_config, auto_class, lora, dtype=dtype, gradient_checkpointing=gradient_checkpointing
         )
+    if lora is not None and lora.enabled and HALF.get(mixed_precision or "no") is not None:
+        lora_follows_autocast(model)  # as finetune.training.batches.prepare_model
     if causal and chunked_loss:
         lm_loss.enable_chunked_loss(model)
     named = list(model.named_parameters())

@@ -15,7 +15,7 @@ from finetune.core.data import CollatedOnce, longest_batch, make_dataloader
 from finetune.core.fsdp import prepare_fsdp
 from finetune.core.geometry import BatchGeometry, find_micro_batch_size
 from finetune.core.memory import rehearse_step
-from finetune.core.modeling import apply_lora, parameter_counts
+from finetune.core.modeling import apply_lora, lora_follows_autocast, parameter_counts
 from finetune.core.precision import WEIGHT_DTYPES, check_trainable_dtypes
 from finetune.core.startup import startup
 from finetune.training import levers
@@ -35,6 +35,8 @@ def prepare_model(run: Run, model: torch.nn.Module, lora_task_type: str, adapt=N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type=lora_task_type)
+        if accelerator.mixed_precision in ("bf16", "fp16"):
+            lora_follows_autocast(model)
     if quantization.is_quantized(model):  # adapters and a head come in the compute dtype beside a quantized base
         quantization.cast_trainable(model, WEIGHT_DTYPES[cfg.train.weights_dtype])
     if adapt is not None:
