@@ -137,3 +137,15 @@ def test_levers_that_cannot_work_here_exit_2_before_loading(
     assert message in run_bad(run_args(tiny_bert, toy_data, tmp_path / "classify", *extra), capsys)
     assert not (tmp_path / "sft").exists() and not (tmp_path / "classify").exists()
     reset_accelerate_state()
+
+
+def test_dry_run_names_the_levers_and_counts_the_quantized_weights(tiny_lm, chat_data, tmp_path, capsys):
+    out = tmp_path / "dry"
+    args = sft_args(tiny_lm, chat_data, out, *QLORA, "train.gradient_checkpointing=true", "--dry-run")
+    recipe_main(SFT)(args)
+    reset_accelerate_state()
+    printed = capsys.readouterr().out
+    assert "memory levers: nf4 base weights, double-quantized, LoRA r=8, adamw_8bit optimizer" in printed
+    assert "gradient checkpointing, chunked loss" in printed
+    assert "nf4 base: 14 linear layers" in printed and "8-bit AdamW (bitsandbytes)" in printed
+    assert not out.exists()

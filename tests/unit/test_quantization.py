@@ -194,3 +194,33 @@ def test_activation_offload_leaves_cpu_tensors_and_weights_where_they_are():
     x = torch.randn(4, 512)
     loss(weight, x).backward()
     assert torch.allclose(weight.grad, 2 * x.t() @ (x @ weight.detach()))
+
+
+def test_under_autocast_lora_adapters_compute_in_its_dtype_without_a_copy_of_their_input():
+    """peft casts each adapter's input to the adapters' fp32 (which autocast casts back to bf16: a new tensor, saved
+    for backward); following autocast, the adapters save the layer's own input."""
+    from finetune.core.modeling import lora_follows_autocast
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(100, hidden_size=64), dtype=torch.bfloat16)
+    peft_model = apply_lora(model, LoraConfig(enabled=True, dropout=0.0), "CAUSAL_LM")
+    quantization.cast_trainable(peft_model, torch.float32)
+    ids = torch.randint(0, 100, (2, 16))
+    saved_bytes = {}
+    for follows in (False, True):
+        if follows:
+            lora_follows_autocast(peft_model)
+        storages = {}
+
+        def pack(tensor, storages=storages):
+            if not isinstance(tensor, torch.nn.Parameter):
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = peft_model(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+        saved_bytes[follows] = sum(storages.values())
+        trained = [p for p in peft_model.parameters() if p.requires_grad]
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    assert saved_bytes[True] < saved_bytes[False], saved_bytes
