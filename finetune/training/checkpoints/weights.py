@@ -75,7 +75,7 @@ def frozen_weights_hash(model: torch.nn.Module) -> str | None:
         frozen = True
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the buffer itself: no copy
     return digest.hexdigest() if frozen else None
 
 
