@@ -82,6 +82,30 @@ def batch_geometry(
     return run.geometry
 
 
+def evaluation_batch_size(run: Run, model, micro_batch_size: int) -> int:
+    """eval.batch_size, bounded so that an evaluation batch never needs more memory than a training micro-batch.
+
+    A forward without gradients holds one layer's working set at a time; training holds, for each of its rows,
+    every layer's saved activations (with gradient checkpointing: every layer's input, and one layer's working set
+    in backward). So an evaluation of micro_batch_size x layers rows (with checkpointing: micro_batch_size rows)
+    needs at most what the training step needs. With `micro_batch_size: auto` the rehearsal that picked the
+    micro-batch ran an evaluation batch of eval.batch_size already."""
+    cfg = run.cfg
+    if cfg.train.micro_batch_size == "auto":
+        return cfg.eval.batch_size
+    config = run.accelerator.unwrap_model(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or 1
+    bound = micro_batch_size * (1 if cfg.train.gradient_checkpointing else layers)
+    if cfg.eval.batch_size > bound:
+        run.log.info(
+            f"evaluation in batches of {bound}, not eval.batch_size={cfg.eval.batch_size}: an evaluation batch "
+            f"needs no more memory than a training micro-batch of {micro_batch_size} then"
+        )
+        return bound
+    return cfg.eval.batch_size
+
+
 def make_loaders(
     run: Run,
     model,
@@ -98,8 +122,9 @@ def make_loaders(
     """
     accelerator, cfg = run.accelerator, run.cfg
     geometry = batch_geometry(run, model, optimizer, train_set, val_set, make_collator(None), loss)
+    eval_rows = evaluation_batch_size(run, model, geometry.micro_batch_size)
     train_collate, val_collate = batch_collators(  # train.compile: a few static shapes, see finetune/core/compile.py
-        make_collator, cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, cfg.eval.batch_size
+        make_collator, cfg.train.compile, cfg.data.max_length, geometry.micro_batch_size, eval_rows
     )
     train_loader = make_dataloader(
         train_set,
@@ -111,7 +136,7 @@ def make_loaders(
         seed=cfg.train.seed,
         global_batch_size=geometry.global_batch_size,
     )
-    val_loader = make_dataloader(val_set, cfg.eval.batch_size, val_collate, longest_first=True)
+    val_loader = make_dataloader(val_set, eval_rows, val_collate, longest_first=True)
     if shard_validation:
         return Loaders(*accelerator.prepare(train_loader, val_loader))
     return Loaders(accelerator.prepare(train_loader), CollatedOnce(val_loader))

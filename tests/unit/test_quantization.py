@@ -224,3 +224,23 @@ def test_under_autocast_lora_adapters_compute_in_its_dtype_without_a_copy_of_the
         trained = [p for p in peft_model.parameters() if p.requires_grad]
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
     assert saved_bytes[True] < saved_bytes[False], saved_bytes
+
+
+def test_an_evaluation_batch_is_bounded_by_what_a_training_micro_batch_needs():
+    from finetune.training.batches import evaluation_batch_size
+
+    messages = []
+    config = tiny_llama_config(100)  # 2 layers
+
+    def run_with(micro, eval_batch, checkpointing):
+        train = SimpleNamespace(micro_batch_size=micro, gradient_checkpointing=checkpointing)
+        cfg = SimpleNamespace(train=train, eval=SimpleNamespace(batch_size=eval_batch))
+        accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+        return SimpleNamespace(cfg=cfg, accelerator=accelerator, log=SimpleNamespace(info=messages.append))
+
+    model = SimpleNamespace(config=config)
+    assert evaluation_batch_size(run_with(4, 16, False), model, 4) == 8  # 4 rows x 2 layers
+    assert evaluation_batch_size(run_with(4, 16, True), model, 4) == 4  # checkpointing: the micro-batch's rows
+    assert evaluation_batch_size(run_with(4, 6, False), model, 4) == 6
+    assert evaluation_batch_size(run_with("auto", 64, True), model, 2) == 64  # rehearsed with the evaluation batch
+    assert len(messages) == 2 and "not eval.batch_size=16" in messages[0]
