@@ -36,6 +36,8 @@ RUN = {
     ),
     "accelerate launch recipes/sft.py --help": "usage: accelerate launch recipes/sft.py [--config PATH]",
     "accelerate launch recipes/sft.py --config recipes/configs/sft/demo.yaml --dry-run": "optimizer steps: 500",
+    "accelerate launch recipes/sft.py --config recipes/configs/sft/demo.yaml model.quantization=nf4 lora.enabled=true "
+    "train.optimizer=adamw_8bit --dry-run": "memory levers: nf4 base weights, double-quantized, LoRA r=8",
     "finetune-eval --help": "finetune-eval: score an exported model, a training checkpoint, or every model of a run",
     "finetune-plot --help": "usage: finetune-plot",
 }
