@@ -15,7 +15,8 @@ Rows:
                              bitwise equal to it
   pytest                     the whole suite (GPU-only tests included: activation offload's gradients and peak).
                              bitsandbytes (a 43 MB wheel) does not fit this carry beside MiniLM: the QLoRA tests
-                             skip here, and benchmarks/memory_levers.py --gpu carries it and runs them
+                             skip here; benchmarks/memory_levers.py --gpu carries and installs it, after which
+                             `pytest tests/gpu tests/recipes/test_qlora.py` runs them
 """
 
 from __future__ import annotations
