@@ -6,7 +6,7 @@ models, measured on a GPU.
         && .venv-bench/bin/pip install -e . trl "bitsandbytes>=0.50"
     .venv-bench/bin/python benchmarks/memory_levers.py             # CPU vs TRL, 12-25 minutes: results/memory_levers.*
     .venv-bench/bin/python benchmarks/memory_levers.py --quick     # smoke run, a tiny model (~2 minutes, tmp dir)
-    python benchmarks/memory_levers.py --estimate                  # real models, estimated: no weights, ~4 minutes
+    python benchmarks/memory_levers.py --estimate                  # real models, estimated: no weights, 2-4 minutes
     .venv-bench/bin/python benchmarks/memory_levers.py --prepare   # here: wheels the GPU image lacks -> .gpu_carry/
     python benchmarks/memory_levers.py --gpu                       # on one CUDA GPU, < 10 minutes on an H100
 
@@ -19,13 +19,15 @@ activations are in host memory already).
 
 CPU (default): a LLaMA with Llama-3.2-1B's shapes (hidden 2048, MLP 8192, 32 heads / 8 KV heads, vocabulary
 128,256, tied embeddings, rope theta 500,000) but 4 layers (--layers), ~0.5B parameters, random weights written
-once as an fp32 safetensors checkpoint that both trainers load. Chats of exactly --seq tokens (the demo's character
+once as an fp32 safetensors checkpoint that both trainers load. Chats of exactly 512 tokens (the demo's character
 tokenizer: one token a character; the model's vocabulary beyond its ~100 ids is never an input, but every logit is
-computed), loss on the assistant's tokens only, micro-batch 1, --steps optimizer steps (one epoch), fp32, constant
-lr, one process. Ours: recipes/sft.py through `accelerate launch`; TRL: trl.SFTTrainer (assistant_only_loss, peft
-LoRA with the same r/alpha/dropout on all linear layers, BitsAndBytesConfig nf4 + double quantization computing in
-fp32, optim=adamw_bnb_8bit, gradient_checkpointing with use_reentrant=False) as a worker of this script; each run a
-fresh process, ours then TRL's for each row.
+computed), loss on the assistant's tokens only, micro-batch 1 (--micro-batch), 4 optimizer steps (--steps; one
+epoch), fp32, constant lr, one process. Ours: recipes/sft.py through `accelerate launch`; TRL: trl.SFTTrainer
+(assistant_only_loss, peft LoRA with the same r/alpha/dropout on all linear layers, BitsAndBytesConfig nf4 + double
+quantization computing in fp32, optim=adamw_bnb_8bit, gradient_checkpointing with use_reentrant=False) as a worker
+of this script; each run a fresh process, ours then TRL's for each row. TRL 1.x computes every training loss
+through its own chunked LM head (no switch), so all its rows have a chunked loss; its '+ chunked loss' row repeats
+the row above.
 
 Measured the same way in both, by the same hooks: RSS just before the model loads (the process baseline: Python,
 torch, the trainer's imports, the data); the peak resident set size up to the start of training (loading and
