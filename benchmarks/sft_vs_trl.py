@@ -220,9 +220,9 @@ def recipe_worker(stats: Path, accumulation: int, recipe_args: list[str]) -> Non
     original_load, original_memory = finetune.core.modeling.load_causal_lm, finetune.training.tracking.memory_mb
     meter: ForwardMeter | None = None
 
-    def load_causal_lm(cfg, tokenizer, dtype):
+    def load_causal_lm(cfg, tokenizer, dtype, **quantized):
         nonlocal meter
-        model = original_load(cfg, tokenizer, dtype)
+        model = original_load(cfg, tokenizer, dtype, **quantized)
         meter = ForwardMeter(tokenizer.pad_token_id, accumulation)
         meter.attach(model)
         record["init_checksum"] = meter.checksum(model)
