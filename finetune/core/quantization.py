@@ -44,6 +44,9 @@ def compute_dtype(mixed_precision: str | None, weights_dtype: str) -> torch.dtyp
     return HALF_DTYPES.get(mixed_precision or "no", WEIGHT_DTYPES[weights_dtype])
 
 
+_ABSENT = object()
+
+
 def import_bitsandbytes(key: str = "model.quantization"):
     """bitsandbytes, imported without reaching for the network.
 
@@ -68,9 +71,6 @@ def import_bitsandbytes(key: str = "model.quantization"):
         else:
             sys.modules["kernels"] = kernels
     return bitsandbytes
-
-
-_ABSENT = object()
 
 
 def quiet_bitsandbytes() -> None:
@@ -167,11 +167,13 @@ def keep_training_numerics(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)) or bool(
-        getattr(base, "is_loaded_in_8bit", False)
-    )
+    base = _base(model)
+    return any(getattr(base, flag, False) for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"))
 
 
 def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -184,7 +186,7 @@ def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def quantization_record(model: torch.nn.Module) -> dict | None:
     """The quantization a model was loaded with (its BitsAndBytesConfig as a dict), or None: a checkpoint keeps it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(getattr(base, "config", None), "quantization_config", None)
     if config is None:
         return None
