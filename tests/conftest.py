@@ -10,7 +10,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import chats, keyword_rows, make_tiny_bert, make_tokenizer, tiny_llama_config, write_rows
+from helpers import (
+    chats,
+    keyword_rows,
+    make_tiny_bert,
+    make_tokenizer,
+    preference_pairs,
+    tiny_llama_config,
+    write_rows,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -100,6 +108,16 @@ def toy_data(tmp_path_factory) -> dict[str, Path]:
     return {
         "train": write_rows(root / "train.csv", keyword_rows(240, seed=1)),
         "validation": write_rows(root / "validation.csv", keyword_rows(37, seed=2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> dict[str, Path]:
+    """Reverse-a-word preference pairs: 48 for training, 12 for validation (JSONL, explicit chat prompts)."""
+    root = tmp_path_factory.mktemp("pair_data")
+    return {
+        "train": write_rows(root / "train.jsonl", preference_pairs(48, seed=0)),
+        "validation": write_rows(root / "validation.jsonl", preference_pairs(12, seed=1)),
     }
 
 

@@ -24,6 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFY = REPO / "recipes" / "classify.py"
 SFT = REPO / "recipes" / "sft.py"
+DPO = REPO / "recipes" / "dpo.py"
 
 # --------------------------------------------------------------------------------------------
 # The tiers
@@ -76,6 +77,25 @@ def chats(n: int, seed: int) -> list[dict]:
         system = [{"role": "system", "content": "Answer briefly."}] if rng.random() < 0.5 else []
         user = {"role": "user", "content": f"reverse {word}" + " please" * rng.randint(0, 2)}
         rows.append({"messages": [*system, user, {"role": "assistant", "content": word[::-1]}]})
+    return rows
+
+
+def preference_pairs(n: int, seed: int) -> list[dict]:
+    """Reverse-a-word pairs in TRL's explicit chat format: chosen = the reversed word, rejected = a wrong answer (the
+    word itself, or reversed with a letter dropped), prompts of different lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 7)))
+        wrong = word if rng.random() < 0.5 else word[::-1][:-1]
+        user = {"role": "user", "content": f"reverse {word}" + " please" * rng.randint(0, 2)}
+        rows.append(
+            {
+                "prompt": [user],
+                "chosen": [{"role": "assistant", "content": word[::-1]}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
     return rows
 
 
@@ -266,6 +286,34 @@ def sft_args(tiny_lm: Path, data: dict, output_dir: Path, *extra: str) -> list[s
     ]
 
 
+def dpo_args(tiny_lm: Path, data: dict, output_dir: Path, *extra: str) -> list[str]:
+    """recipes/dpo.py on the tiny LLaMA (random init) and the reverse-a-word pairs: micro-batch 4, no evaluation or
+    checkpoint unless asked, dropout off, 3 generations of 8 tokens when it evaluates."""
+    return [
+        f"model.name_or_path={tiny_lm}",
+        "model.random_init=true",
+        f"data.train={data['train']}",
+        f"data.validation={data['validation']}",
+        "data.max_length=48",
+        "data.max_prompt_length=32",
+        "lora.enabled=false",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=null",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.lr_scheduler=linear",
+        "eval.every_n_steps=null",
+        "checkpoint.every_n_steps=null",
+        "eval.batch_size=8",
+        "eval.num_generations=3",
+        "eval.max_new_tokens=8",
+        "logging.every_n_steps=1",
+        "logging.trackers=[]",
+        f"output.dir={output_dir}",
+        *extra,
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Running a recipe in this process
 # --------------------------------------------------------------------------------------------
@@ -370,13 +418,14 @@ def interrupt(
     after_step: int,
     output_dir: Path,
     config_file: Path | None = None,
+    script: Path = CLASSIFY,
 ) -> tuple[str, int]:
-    """Start recipes/classify.py; once it has logged `after_step` (past a checkpoint, most likely inside an
-    accumulation window), send `sig` to the launcher and every process it started, as a scheduler
+    """Start a recipe (recipes/classify.py by default); once it has logged `after_step` (past a checkpoint, most
+    likely inside an accumulation window), send `sig` to the launcher and every process it started, as a scheduler
     would. Returns (stdout, steps logged before the run ended)."""
     import psutil
 
-    cmd, env = launch_command(CLASSIFY, args, processes, config_file)
+    cmd, env = launch_command(script, args, processes, config_file)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = output_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -102,9 +102,12 @@ def column(ds: Dataset, name: str) -> list:
 
 
 def token_lengths(ds: Dataset) -> list[int]:
-    """len(input_ids) of every example, computed by Arrow."""
+    """len(input_ids) of every example, computed by Arrow; a `length` column where the examples hold several
+    sequences (a preference pair: its longer one)."""
     import pyarrow.compute as pc
 
+    if "input_ids" not in ds.column_names and "length" in ds.column_names:
+        return column(ds, "length")
     table = ds.select_columns(["input_ids"]).with_format("arrow")[:]
     return pc.list_value_length(table["input_ids"]).to_pylist()
 

@@ -14,7 +14,7 @@ AVERAGES = ("micro", "macro", "weighted")
 CLASSIFICATION = ("accuracy", "matthews_correlation")
 AVERAGED = ("precision", "recall", "f1")  # with an average suffix: f1_macro; bare = macro
 REGRESSION = ("pearson", "spearman", "mse")
-LOWER_IS_BETTER = {"mse", "loss", "perplexity"}
+LOWER_IS_BETTER = {"mse", "loss", "perplexity", "rewards/rejected", "logps/rejected"}  # the last two: DPO
 
 
 def available_metrics() -> list[str]:

@@ -451,6 +451,188 @@ class SFTConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# recipes/dpo.py: preference tuning (DPO, IPO) of causal language models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPODataConfig(DataSourceConfig):
+    """Preference pairs: a prompt with a chosen and a rejected completion (TRL's formats), and their lengths."""
+
+    train: str = inherited(
+        DataSourceConfig,
+        "train",
+        "trl-lib/ultrafeedback_binarized",
+        "preference pairs: a .csv/.tsv/.json/.jsonl/.parquet file, `package:<pkg>/<file>`, or a Hub dataset id",
+    )
+    validation: str | None = inherited(
+        DataSourceConfig,
+        "validation",
+        "test",
+        "validation pairs: a file, or a split name of a Hub dataset; null = carve from train",
+    )
+    hub_config: str | None = inherited(DataSourceConfig, "hub_config", help="config name of a Hub dataset")
+    validation_fraction: float = inherited(DataSourceConfig, "validation_fraction", 0.05)
+    split_seed: int = inherited(DataSourceConfig, "split_seed", help="seed of the random train/validation split")
+    prompt_column: str = option(
+        "prompt",
+        "column holding the prompt (a string or a list of chat messages); absent = implicit prompt: the common "
+        "start of chosen and rejected",
+    )
+    chosen_column: str = option("chosen", "column holding the preferred completion (a string or chat messages)")
+    rejected_column: str = option("rejected", "column holding the dispreferred completion (a string or chat messages)")
+    chat_template: str | None = option(
+        None, "Jinja chat template (the template itself, or a path to a .jinja file); null = the tokenizer's"
+    )
+    max_length: int = option(1024, "tokens of prompt + completion per sequence (longer: the prompt is cut first)", gt=1)
+    max_prompt_length: int | None = option(
+        512, "tokens kept of a prompt that makes a sequence too long (its start is cut); null = max_length - 1", gt=0
+    )
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """The optimisation, in preference pairs: batch geometry, schedule, precision and memory levers."""
+
+    micro_batch_size: int | Literal["auto"] = inherited(
+        TrainConfig,
+        "micro_batch_size",
+        4,
+        "pairs per process per forward/backward (2 sequences each); auto = the largest that fits (needs "
+        "global_batch_size)",
+    )
+    global_batch_size: int | None = inherited(
+        TrainConfig,
+        "global_batch_size",
+        help="pairs per optimizer step over all processes; the accumulation steps then follow",
+    )
+    lr: float = inherited(TrainConfig, "lr", 5e-7)
+    chunked_loss: bool = option(
+        True,
+        "log-probs from the last hidden states in chunks of target tokens: the (tokens x vocabulary) fp32 logits "
+        "never exist; the same log-probs and gradients",
+    )
+
+
+@dataclass
+class DPOConfigGroup:
+    """The preference objective and its reference model."""
+
+    loss: Literal["sigmoid", "ipo"] = option(
+        "sigmoid", "sigmoid = DPO (Rafailov et al.); ipo = IPO (Azar et al.: squared loss on length-averaged log-probs)"
+    )
+    beta: float = option(0.1, "strength of the pull toward the reference (the KL penalty's weight)", gt=0)
+    label_smoothing: float = option(
+        0.0, "sigmoid only: the assumed share of flipped preference labels (conservative DPO, cDPO)", ge=0, lt=0.5
+    )
+    sft_weight: float = option(
+        0.0, "weight of an NLL term on the chosen completion, per pair and per token (RPO); 0 = none", ge=0
+    )
+    reference: Literal["auto", "adapter_off", "precomputed", "model"] = option(
+        "auto",
+        "the reference model: adapter_off = the trained model with its LoRA adapters switched off (one copy of the "
+        "weights); precomputed = its log-probs computed once before training and cached on disk (no second model "
+        "in memory); model = a frozen second copy; auto = adapter_off with LoRA, else precomputed",
+    )
+    reference_batch_size: int | None = option(
+        None, "pairs per process per batch of the precomputing pass; null = eval.batch_size", ge=1
+    )
+    padding_free: bool = option(
+        False,
+        "each micro-batch's sequences in one row, without padding (position ids keep them apart, as SFT packs); "
+        "refused for a model whose attention does not keep packed sequences apart",
+    )
+    disable_dropout: bool = option(
+        True, "set every dropout to 0 (model and LoRA), as TRL does: log-probs of policy and reference comparable"
+    )
+
+
+@dataclass
+class DPOEvalConfig:
+    """Validation during and after training: the preference metrics over every validation pair, and generations."""
+
+    every_n_steps: int | None = option(None, "evaluate every N optimizer steps; null = only at the end", gt=0)
+    batch_size: int = option(8, "pairs per process per evaluation batch", ge=1)
+    num_generations: int = option(
+        4,
+        "greedy generations for the first N validation prompts at each evaluation (run dir generations/), "
+        "scored by exact_match against the chosen completion; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens", ge=1)
+    metric_for_best: Literal[
+        "loss",
+        "accuracy",
+        "rewards/margin",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "exact_match",
+    ] = option(
+        "loss",
+        "metric that picks the best checkpoint: loss, rejected rewards and log-probs lower is better; accuracy "
+        "(share of pairs whose chosen reward is higher), the margin, chosen rewards and log-probs, exact_match higher",
+    )
+
+
+@dataclass
+class DPOOutputConfig(OutputConfig):
+    """Where the run is written."""
+
+    dir: str = inherited(
+        OutputConfig,
+        "dir",
+        "runs/dpo",
+        "output dir: final/, checkpoints/, generations/, metrics.jsonl, eval_results.json",
+    )
+
+
+@dataclass
+class DPOConfig:
+    """Config of recipes/dpo.py: preference tuning of a causal language model."""
+
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    dpo: DPOConfigGroup = field(default_factory=DPOConfigGroup)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: DPOOutputConfig = field(default_factory=DPOOutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each naming the keys involved."""
+        problems = training_problems(self.train, self.output, self.eval.every_n_steps)
+        problems += lever_problems(self.model, self.train, self.lora)
+        if self.dpo.reference == "adapter_off" and not self.lora.enabled:
+            problems.append(
+                "dpo.reference=adapter_off needs lora.enabled=true: without adapters there is nothing to switch off; "
+                "set dpo.reference=precomputed (or auto) to train every weight"
+            )
+        if self.dpo.label_smoothing and self.dpo.loss != "sigmoid":
+            problems.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.dpo.loss}: set it to 0")
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs eval.num_generations > 0")
+        if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+            problems.append(
+                f"data.max_prompt_length={self.data.max_prompt_length} must be below data.max_length="
+                f"{self.data.max_length}: the completion needs room"
+            )
+        return problems
+
+    def metric_for_best(self) -> str:
+        return self.eval.metric_for_best
+
+    def reference_kind(self) -> str:
+        """dpo.reference resolved: auto = adapter_off with LoRA, else precomputed."""
+        if self.dpo.reference != "auto":
+            return self.dpo.reference
+        return "adapter_off" if self.lora.enabled else "precomputed"
+
+
+# --------------------------------------------------------------------------------------------
 # finetune-eval: scoring saved models (finetune.classify.score, finetune.lm.score)
 # --------------------------------------------------------------------------------------------
 # Its data groups are the recipes' own (DataConfig, SFTDataConfig) and its LM model group extends SFTModelConfig.

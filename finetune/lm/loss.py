@@ -89,10 +89,13 @@ def _chunked_pass(
     compute: torch.dtype,
     grads: tuple[bool, bool, bool] = (False, False, False),
     grad_scale: torch.Tensor | None = None,
+    per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Summed cross-entropy of `hidden @ weight.T + bias` against `targets` (every row counts), and the
     gradients of that sum w.r.t. (hidden, weight, bias) that `grads` asks for, times `grad_scale` if given,
-    `chunk_rows` rows at a time.
+    `chunk_rows` rows at a time. `per_row`: each row's cross-entropy (N,) instead of their sum, and `grad_scale`
+    may then hold one scale per row (N,): the gradients of sum(grad_scale * row losses), as a sequence-level loss
+    (DPO) needs.
 
     The projection and the gradient matmuls run in `compute`, the log-softmax in fp32 (fp64 for fp64). The
     weight and bias gradients are accumulated over chunks in fp32 (or fp64) and returned in the parameters'
@@ -103,7 +106,7 @@ def _chunked_pass(
     with torch.autocast(hidden.device.type, enabled=False):  # every cast below is explicit
         w = weight.to(compute)
         b = bias.to(compute) if bias is not None else None
-        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        loss = torch.zeros((hidden.shape[0],) if per_row else (), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, acc), device=weight.device)
@@ -118,14 +121,18 @@ def _chunked_pass(
             logits = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
-            loss += (lse - logits[rows, t]).sum()
+            row_loss = lse - logits[rows, t]
+            if per_row:
+                loss[start : start + chunk_rows] = row_loss
+            else:
+                loss += row_loss.sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum of -log softmax[target]) / d(logits) = softmax - one_hot(target), in place of the logits
             probs = logits.sub_(lse.unsqueeze(1)).exp_()
             probs[rows, t] -= 1
-            if scale is not None:
-                probs.mul_(scale)  # before the cast: fp16 keeps the loss scale's range, as in plain autograd
+            if scale is not None:  # before the cast: fp16 keeps the loss scale's range, as in plain autograd
+                probs.mul_(scale if scale.dim() == 0 else scale[start : start + chunk_rows, None])
             g = probs.to(compute)
             if grad_h is not None:
                 grad_h[start : start + chunk_rows] = g @ w
@@ -204,6 +211,62 @@ def chunked_linear_cross_entropy(
     return _chunked_pass(hidden, weight, bias, targets, chunk_rows, compute)[0]
 
 
+class _ChunkedRowCrossEntropy(torch.autograd.Function):
+    """Each row's cross-entropy of a linear projection (N,), chunk by chunk: the gradient of a loss that is not a
+    plain sum of them (DPO's, of per-sequence sums) weighs each row by its own incoming gradient.
+
+    With a frozen output layer (LoRA) the hidden-state gradients are computed in forward at unit scale (two
+    matmuls per chunk) and backward scales each row; when the weight or bias trains (or under fp16) backward
+    recomputes each chunk's logits with the rows' scales (four matmuls), since the weight gradient sums over rows
+    weighted by scales known only in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute):
+        need = ctx.needs_input_grad
+        ctx.grads_wanted = (need[0], need[1], need[2] and bias is not None)
+        ctx.chunk_rows, ctx.compute = chunk_rows, compute
+        ctx.recompute = ctx.grads_wanted[1] or ctx.grads_wanted[2] or compute == torch.float16
+        if ctx.recompute:
+            ctx.save_for_backward(hidden, weight, bias, targets)
+            return _chunked_pass(hidden, weight, bias, targets, chunk_rows, compute, per_row=True)[0]
+        losses, ctx.grad_hidden, _, _ = _chunked_pass(
+            hidden, weight, bias, targets, chunk_rows, compute, ctx.grads_wanted, per_row=True
+        )
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.recompute:
+            hidden, weight, bias, targets = ctx.saved_tensors
+            _, *grads = _chunked_pass(
+                hidden, weight, bias, targets, ctx.chunk_rows, ctx.compute, ctx.grads_wanted, grad_output, per_row=True
+            )
+            return grads[0], grads[1], grads[2], None, None, None
+        grad_hidden, ctx.grad_hidden = ctx.grad_hidden, None
+        if grad_hidden is None and ctx.grads_wanted[0]:
+            raise RuntimeError("the chunked per-row loss cannot be differentiated twice")
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)[:, None])
+        return grad_hidden, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, targets) of each row (N,), fp32 (fp64 for fp64 inputs), never holding
+    more than one chunk of logits; differentiable (see _ChunkedRowCrossEntropy)."""
+    chunk_rows = lm_loss_chunk_rows(weight.shape[0], chunk_size)
+    compute = _compute_dtype(hidden, weight)
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ChunkedRowCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, compute)
+    return _chunked_pass(hidden, weight, bias, targets, chunk_rows, compute, per_row=True)[0]
+
+
 def chunked_next_token_loss(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -244,17 +307,20 @@ class ChunkedLossHead(nn.Linear):
 
     chunk_size: int | None = None
     _targets: torch.Tensor | None = None
+    _loss_fn = None
 
     @contextlib.contextmanager
-    def targets(self, labels: torch.Tensor) -> Iterator[None]:
-        """Attach `labels` (B, T, unshifted) for the next forward, which returns the loss."""
+    def targets(self, labels: torch.Tensor, loss_fn=None) -> Iterator[None]:
+        """Attach `labels` (B, T, unshifted) for the next forward, which returns the loss: the summed next-token
+        loss, or `loss_fn(hidden_states, weight, labels, bias, chunk_size)` (a 1-d tensor, e.g. DPO's log-probs
+        per sequence), shaped (1, 1, n)."""
         if self._targets is not None:
             raise RuntimeError("labels are already attached to this ChunkedLossHead")
-        self._targets = labels
+        self._targets, self._loss_fn = labels, loss_fn
         try:
             yield
         finally:
-            self._targets = None
+            self._targets, self._loss_fn = None, None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         labels = self._targets
@@ -267,10 +333,11 @@ class ChunkedLossHead(nn.Linear):
                 "the model did not pass every position to it (logits_to_keep, extra tokens?), so the chunked "
                 "loss cannot pair them; turn the chunked loss off for this model"
             )
-        loss = chunked_next_token_loss(input, self.weight, labels, self.bias, self.chunk_size)
+        loss_fn, self._loss_fn = self._loss_fn or chunked_next_token_loss, None
+        loss = loss_fn(input, self.weight, labels, self.bias, self.chunk_size)
         # Not a view: FSDP2 hooks a module's outputs for backward, and warns about views (in-place ops on one
         # would drop the hook).
-        return loss.reshape(1, 1, 1).clone()
+        return loss.reshape(1, 1, -1).clone()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -57,11 +57,22 @@ def levers_text(cfg, chunked_loss: bool) -> str:
     return ", ".join(levers)
 
 
-def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: int, model_config, auto_class) -> None:
+def report_dry_run(
+    run: Run,
+    data_lines: list[str],
+    train_rows: int,
+    seq_len: int,
+    model_config,
+    auto_class,
+    sequences_per_example: int = 1,
+    reference_copy: bool = False,
+) -> None:
     """Print the dry run (main process): launch, data, batches and steps, parameters, memory per process.
 
     `train_rows`: training examples (or packed rows); `seq_len`: tokens in the longest training row, the
-    shape memory peaks at; `model_config` and `auto_class` build the meta model the estimate counts."""
+    shape memory peaks at; `model_config` and `auto_class` build the meta model the estimate counts.
+    `sequences_per_example`: rows each example puts through the model (a preference pair: 2); `reference_copy`: a
+    frozen second copy of the weights is held (DPO's dpo.reference=model)."""
     from finetune.plan.memory_estimate import estimate_memory  # torch-heavy; only a dry run needs it
 
     accelerator, cfg, geometry = run.accelerator, run.cfg, run.geometry
@@ -98,10 +109,10 @@ def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: in
         accumulation = (
             geometry.accumulation_steps if geometry else (cfg.train.global_batch_size or 1) // (micro * processes)
         )
-        return estimate_memory(
+        estimate = estimate_memory(
             model_config,
             auto_class,
-            micro_batch_size=micro,
+            micro_batch_size=micro * sequences_per_example,
             seq_len=seq_len,
             weights_dtype=cfg.train.weights_dtype,
             mixed_precision=accelerator.mixed_precision,
@@ -117,6 +128,10 @@ def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: in
             device_type=accelerator.device.type,
             gradient_accumulation_steps=max(1, accumulation),
         )
+        if reference_copy:  # the frozen copy holds the base weights as loaded: as many bytes as the trained model's
+            estimate.reference = estimate.weights
+            estimate.notes.append("the reference model is a frozen copy of the weights (dpo.reference=model)")
+        return estimate
 
     # Under ZeRO-3 transformers builds even a meta model through deepspeed.zero.Init, a collective; only this
     # process is here, and the estimate divides by the processes itself.
@@ -130,6 +145,7 @@ def report_dry_run(run: Run, data_lines: list[str], train_rows: int, seq_len: in
         lines.append(f"peak memory per process by micro-batch of {seq_len} tokens (estimate):")
         lines += [f"  {micro:>5}: {estimate.peak / 2**20:,.1f} MiB" for micro, estimate in estimates.items()]
     lines.append(f"memory levers: {levers_text(cfg, chunked_loss)}")
-    lines.append(f"peak memory per process at micro-batch {micro_sizes[-1]} x {seq_len} tokens (estimate):")
+    rows = "" if sequences_per_example == 1 else f" ({sequences_per_example} sequences each)"
+    lines.append(f"peak memory per process at micro-batch {micro_sizes[-1]}{rows} x {seq_len} tokens (estimate):")
     lines += [f"  {line}" for line in largest.describe().splitlines()]
     print("\n".join(lines), flush=True)

@@ -64,16 +64,19 @@ class MemoryEstimate:
     forward_backward: int | None = None  # simulated peak of forward + backward; None: activations + logits
     step_transient: int = 0  # what the optimizer step allocates for a moment
     buffers: int = 0  # held throughout: DDP's gradient buckets
+    reference: int = 0  # held throughout: DPO's frozen reference copy (dpo.reference=model)
 
     @property
     def peak(self) -> int:
         """Weights, optimizer state and buffers throughout, plus the larger of the forward/backward's peak (which
         includes the gradients as backward makes them) and the optimizer step's (every gradient)."""
         compute = self.activations + self.logits if self.forward_backward is None else self.forward_backward
-        return self.weights + self.optimizer + self.buffers + max(compute, self.gradients + self.step_transient)
+        held = self.weights + self.reference + self.optimizer + self.buffers
+        return held + max(compute, self.gradients + self.step_transient)
 
     def describe(self) -> str:
-        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer)]
+        rows = [("weights", self.weights)] + ([("reference model", self.reference)] if self.reference else [])
+        rows += [("gradients", self.gradients), ("optimizer state", self.optimizer)]
         rows += [("DDP buckets", self.buffers)] if self.buffers else []
         rows += [("activations", self.activations), ("loss logits", self.logits)]
         rows += [("forward+backward", self.forward_backward)] if self.forward_backward is not None else []

@@ -152,6 +152,9 @@ class Task:
     loss: LossFn
     count_loss_terms: Callable[[dict], torch.Tensor]
     evaluate: Evaluate
+    # More of the training interval to log beside the loss, called on every process at each log record (a
+    # collective may run), e.g. DPO's rewards; None: nothing more.
+    log_record: Callable[[], dict] | None = None
 
 
 def fit(run: Run, model, optimizer, tokenizer, train_loader, task: Task, data_summary: str) -> Outcome:
@@ -239,7 +242,8 @@ def fit(run: Run, model, optimizer, tokenizer, train_loader, task: Task, data_su
             warnings += report.warnings
             log.advance()
             if every(cfg.logging.every_n_steps, progress.step) or progress.step == total_steps:
-                log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record()})
+                more = task.log_record() if task.log_record is not None else {}
+                log.log(progress.step, {"epoch": progress.epochs, **train_step.log_record(), **more})
             if progress.step == total_steps:
                 break  # the final evaluation and final/ end the run
             checkpoint_now = checkpoint_due(cfg.checkpoint, progress)

@@ -1,8 +1,9 @@
 """The package's layout holds: no import cycle, no import running back up a layer, no test module imported.
 
 Layers, lowest first: core (config, data, model loading, batch geometry, ...) < training (the step, the loop,
-checkpoints, the run) < the task rooms, classify and lm (which never import each other) < plan and report (what
-a run will need, what it leaves; neither imports the other) < the entry modules at the top (finetune-eval)."""
+checkpoints, the run) < the task rooms, classify and lm (which never import each other) < preference (built on
+lm) < plan and report (what a run will need, what it leaves; neither imports the other) < the entry modules at the
+top (finetune-eval)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "finetune"
-LAYERS = {"core": 0, "training": 1, "classify": 2, "lm": 2, "plan": 3, "report": 3}
-TOP = 4  # modules directly in finetune/ (entry points)
+LAYERS = {"core": 0, "training": 1, "classify": 2, "lm": 2, "preference": 3, "plan": 4, "report": 4}
+TOP = 5  # modules directly in finetune/ (entry points)
 
 
 def module_name(path: Path) -> str:

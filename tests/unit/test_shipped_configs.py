@@ -9,10 +9,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from helpers import REPO
 
 from finetune.core.config import config_to_dict, flatten, load_config, read_yaml
-from finetune.core.schemas import ClassifyConfig, SFTConfig
+from finetune.core.schemas import ClassifyConfig, DPOConfig, SFTConfig
 
 # recipes/configs/<recipe>/*.yaml -> the schema of recipes/<recipe>.py
-RECIPE_SCHEMAS = {"classify": ClassifyConfig, "sft": SFTConfig}
+RECIPE_SCHEMAS = {"classify": ClassifyConfig, "sft": SFTConfig, "dpo": DPOConfig}
 RECIPE_YAMLS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
 ACCELERATE_YAMLS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 

@@ -1,0 +1,201 @@
+"""The reference model of preference tuning, in one of three forms (dpo.reference), none of which trains:
+
+- `adapter_off`: the trained model itself with its LoRA adapters switched off (peft's `disable_adapter`), under
+  `no_grad`: one copy of the weights, 4-bit under QLoRA. At step 0 the policy equals it (LoRA's B is zero).
+- `precomputed`: every pair's reference log-probs computed once, before training, by the model as loaded, and
+  kept beside the data (`ref_logps`): no reference model in memory while training. The values are cached on
+  disk (`$FINETUNE_CACHE/reference/`), keyed like tokenized data (the token cache's rules): the pairs' tokens,
+  a hash of the weights, the settings that change the numbers and the source of the code that computes them.
+  The file is written whole and renamed into place, so a run killed during the pass leaves nothing and the
+  next start computes again; a resumed or repeated run with the same key reads it.
+- `model`: a second, frozen copy loaded beside the policy (its memory shows in the dry run).
+
+Every form computes log-probs the same way (`sequence_logps`), in eval mode (no dropout) and under the run's
+autocast, so a precomputed value equals the live one up to how a batch is padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from finetune.core import token_cache
+from finetune.core.data import make_dataloader
+from finetune.core.errors import UserError
+from finetune.preference import loss as preference_loss
+from finetune.preference.collate import REFERENCE_COLUMN
+from finetune.preference.loss import sequence_logps
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) and without gradients for the block; its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def peft_model_of(model: torch.nn.Module):
+    """The peft model inside DDP/DeepSpeed/compile wrappers, or None."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
+            return model
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or model
+    return None
+
+
+class PrecomputedReference:
+    """Reference log-probs carried by the batch (`ref_logps`, (B, 2))."""
+
+    kind = "precomputed"
+
+    def logps(self, model, batch: dict) -> torch.Tensor:
+        if REFERENCE_COLUMN not in batch:
+            raise RuntimeError("a batch without precomputed reference log-probs (ref_logps)")
+        return batch[REFERENCE_COLUMN]
+
+
+class AdapterOffReference:
+    """The policy with its LoRA adapters switched off."""
+
+    kind = "adapter_off"
+
+    def logps(self, model, batch: dict) -> torch.Tensor:
+        peft_model = peft_model_of(model)
+        if peft_model is None:
+            raise UserError("dpo.reference=adapter_off needs a LoRA model (lora.enabled=true)")
+        with evaluation_mode(model), peft_model.disable_adapter():
+            return sequence_logps(model, batch)
+
+
+class ModelReference:
+    """A separate frozen model (on the run's device, in eval mode), run under the run's autocast."""
+
+    kind = "model"
+
+    def __init__(self, model: torch.nn.Module, autocast) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.autocast = autocast
+
+    def logps(self, model, batch: dict) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            return sequence_logps(self.model, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# The precomputing pass and its cache
+# --------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """xxh3-128 of every parameter (name, dtype, shape, bytes) of the model as loaded: the reference's identity."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for name, param in model.named_parameters():
+        tensor = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_file(sets: dict[str, Dataset], fingerprint: str, settings: dict) -> Path | None:
+    """Where the reference log-probs of `sets` are cached (None when the cache is off): a key of the pairs' tokens,
+    the weights, the settings and the source of the code that computes them."""
+    root = token_cache.cache_root()
+    if root is None:
+        return None
+    key = hashlib.blake2b(digest_size=16)
+    for name, ds in sorted(sets.items()):
+        tokens = ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        key.update(f"{name}:{token_cache.content_hash(tokens)};".encode())
+    key.update(fingerprint.encode())
+    key.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for module in (preference_loss, inspect.getmodule(cache_file)):
+        key.update(Path(inspect.getsourcefile(module)).read_bytes())
+    return root.parent / "reference" / f"{key.hexdigest()}.safetensors"
+
+
+def _computed(accelerator, model, ds: Dataset, collate, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference log-probs of every pair of `ds`, in order: each process runs every W-th batch (all run as many
+    forwards: under FSDP/ZeRO-3 each is a collective), then one all-reduce puts them together."""
+    without = ds.remove_columns([c for c in ds.column_names if c == REFERENCE_COLUMN])
+    loader = make_dataloader(without, batch_size, collate)
+    batches = list(loader)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out = torch.zeros(len(ds), 2, dtype=torch.float64, device=accelerator.device)
+    rounds = math.ceil(len(batches) / world)
+    with evaluation_mode(model), accelerator.autocast():
+        for i in range(rounds):
+            index = i * world + rank
+            batch = batches[min(index, len(batches) - 1)]
+            batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+            logps = sequence_logps(model, batch)
+            if index < len(batches):
+                start = index * batch_size
+                out[start : start + len(logps)] = logps.double()
+    if world > 1:
+        out = accelerator.reduce(out, reduction="sum")
+    return out.float().cpu()
+
+
+def precompute_reference(
+    run, model, sets: dict[str, Dataset], collate, batch_size: int, fingerprint: str, settings: dict
+) -> dict[str, Dataset]:
+    """`sets` with a `ref_logps` column [chosen, rejected] per pair: read from the cache, or computed by `model`
+    (prepared, before any training step) and cached."""
+    from safetensors.torch import load_file, save_file
+
+    accelerator, log = run.accelerator, run.log
+    path = cache_file(sets, fingerprint, settings)
+    values = None
+    if path is not None and path.is_file():
+        try:
+            values = load_file(path)
+            if any(name not in values or len(values[name]) != len(ds) for name, ds in sets.items()):
+                values = None
+        except Exception:  # noqa: BLE001  (a damaged file: computed again)
+            values = None
+        if values is not None:
+            log.info(f"reference log-probs: read from {path}")
+    if values is None:
+        counts = ", ".join(f"{len(ds):,} {name}" for name, ds in sets.items())
+        log.info(f"reference log-probs: one pass over {counts} pairs, in batches of {batch_size}")
+        values = {name: _computed(accelerator, model, ds, collate, batch_size) for name, ds in sets.items()}
+        if path is not None and accelerator.is_main_process:
+            _write_atomically(path, values, save_file)
+            log.info(f"reference log-probs: cached in {path}")
+        accelerator.wait_for_everyone()
+    return {name: _with_reference(ds, values[name]) for name, ds in sets.items()}
+
+
+def _write_atomically(path: Path, values: dict[str, torch.Tensor], save_file) -> None:
+    """Written to a temporary file and renamed into place: a run killed meanwhile leaves no partial entry."""
+    tmp = path.with_name(f".tmp-{path.stem}-{uuid.uuid4().hex[:8]}.safetensors")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in values.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full disk: the run goes on uncached
+        tmp.unlink(missing_ok=True)
+
+
+def _with_reference(ds: Dataset, values: torch.Tensor) -> Dataset:
+    if REFERENCE_COLUMN in ds.column_names:
+        ds = ds.remove_columns(REFERENCE_COLUMN)
+    return ds.add_column(REFERENCE_COLUMN, values.tolist())
