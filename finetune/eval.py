@@ -5,6 +5,9 @@
     finetune-eval runs/sft                             # a causal LM run: loss and perplexity, leaderboard by loss
     finetune-eval runs/sft/checkpoints/step_000200 data.validation=held_out.jsonl eval.num_generations=50
     finetune-eval runs/sft/final data.validation=qa.jsonl data.format=prompt_completion data.max_length=2048
+    finetune-eval runs/dpo                             # a preference run: loss, rewards, accuracy against its reference
+    finetune-eval runs/dpo/final data.validation=pairs.jsonl reference.name_or_path=runs/sft/final
+    finetune-eval runs/sft/final data.validation=pairs.jsonl reference.name_or_path=recipes/demo/dpo_start
     accelerate launch -m finetune.eval runs/classify      # several processes: each example scored once
 
 The kind of model is read from its config.json (`architectures`: *ForCausalLM is a causal LM, as is a model
@@ -13,17 +16,24 @@ type of AutoModelForCausalLM when no architecture is named) or from the run's co
 - classifiers (recipes/classify.py) by accuracy, F1 (regression: pearson, spearman, mse) and loss;
 - causal LMs (recipes/sft.py) by loss per target token and perplexity, summed over every target token once
   (the tokens training puts loss on: data.train_on_prompt and the rest of the run's data keys), and with
-  eval.num_generations=N by exact_match of greedy generations for the first N prompts.
+  eval.num_generations=N by exact_match of greedy generations for the first N prompts;
+- preference models (recipes/dpo.py; or any causal LM given a reference.* or dpo.* key) by the DPO loss, rewards
+  (chosen, rejected, margin), accuracy (share of pairs whose chosen reward is higher) and log-probs over every
+  pair once, against a reference: reference.name_or_path, by default the model the run started from (so rewards
+  are those training reported; a model.random_init run's was never saved: give one); the loss is the run's
+  dpo.loss, beta, label_smoothing and sft_weight. A run's leaderboard has the reference's row too: rewards and
+  accuracy 0 by definition, its log-probs and exact_match the starting point.
 
 Models are scored in fp32 by the code training evaluates with (finetune.classify.evaluate.predict,
-finetune.lm.evaluate.evaluate_lm): a final/ scores as the run's eval_results.json reports (up to the
-rounding of mixed precision, when the run trained under it).
+finetune.lm.evaluate.evaluate_lm, finetune.preference.evaluate.preference_metrics): a final/ scores as the run's
+eval_results.json reports (up to the rounding of mixed precision, when the run trained under it).
 
 Data keys are the recipe's (`data.*`); without overrides the run's own validation data is used, read from
 the run's saved config.yaml (a path given on the command line, such as data.validation, overrides it). Writes,
 per model: eval_results.json, and for a classifier predictions.jsonl, per_class.csv and confusion_matrix.png,
 for a causal LM generations.jsonl (with eval.num_generations > 0); for a run, a leaderboard (leaderboard.csv /
-.json) sorted by `eval.metric_for_best` (a causal LM's default: the run's choice, else loss; lower is better).
+.json) sorted by `eval.metric_for_best` (a causal LM's default: the run's choice, else loss; lower is better; a
+preference model's: the run's choice, else accuracy).
 Results go to <given path>/eval (for a run: one sub-dir per model), or output.dir. A model dir may be a full
 model (config.json + weights) or a peft adapter (adapter_config.json + adapter_model.safetensors, as a LoRA
 run's checkpoints hold), loaded on its base model: the adapter's base_model_name_or_path or the run's
@@ -47,10 +57,12 @@ from finetune.core.errors import exit_on_user_error
 from finetune.core.metric_names import MetricGoal
 from finetune.core.run_dir import write_json
 from finetune.core.saved_models import ADAPTER_CONFIG, ScoredModels, find_models, is_whole_run
-from finetune.core.schemas import ScoreConfig, ScoreLMConfig
+from finetune.core.schemas import ScoreConfig, ScoreDPOConfig, ScoreLMConfig
 from finetune.lm.score import score_causal_lms
+from finetune.preference.score import score_preference_models
 
-# The entry alone: which scorer by the kind of model (finetune.classify.score, finetune.lm.score), and the leaderboard.
+# The entry alone: which scorer by the kind of model (finetune.classify.score, finetune.lm.score,
+# finetune.preference.score), and the leaderboard.
 CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
 
 
@@ -67,6 +79,16 @@ def is_sft_config(saved: dict) -> bool:
     return "format" in data or "train_on_prompt" in data or "chunked_loss" in train
 
 
+def is_dpo_config(saved: dict | None) -> bool:
+    """A run's config.yaml written by recipes/dpo.py (it has a dpo group)."""
+    return isinstance((saved or {}).get("dpo"), dict)
+
+
+def asks_for_preferences(overrides: list[tuple[str, str]]) -> bool:
+    """A model outside a DPO run scored as a preference model: the command line names the reference or the loss."""
+    return any(key.startswith(("reference.", "dpo.")) for key, _ in overrides)
+
+
 def model_kind(path: Path, saved: dict | None) -> str:
     """CAUSAL_LM or CLASSIFIER: by the architectures of the model's config.json, else by the run's config.yaml,
     else by the adapter's peft task type, else by the config's model_type (a model type of AutoModelForCausalLM)."""
@@ -75,7 +97,7 @@ def model_kind(path: Path, saved: dict | None) -> str:
     if architectures:
         return CAUSAL_LM if any(is_causal_lm_architecture(a) for a in architectures) else CLASSIFIER
     if saved is not None:
-        return CAUSAL_LM if is_sft_config(saved) else CLASSIFIER
+        return CAUSAL_LM if is_sft_config(saved) or is_dpo_config(saved) else CLASSIFIER
     if (path / ADAPTER_CONFIG).is_file():
         task_type = json.loads((path / ADAPTER_CONFIG).read_text()).get("task_type")
         if task_type in ("CAUSAL_LM", "SEQ_CLS"):
@@ -116,7 +138,11 @@ def write_leaderboard(scored: ScoredModels) -> None:
 def usage() -> str:
     """--help: the module doc and the keys of each kind of model (data.* keys are the recipe's)."""
     lines = [(__doc__ or "").rstrip(), "", "Keys (key=value) besides the recipe's data.* keys:"]
-    for title, schema in (("classifier", ScoreConfig), ("causal LM", ScoreLMConfig)):
+    for title, schema in (
+        ("classifier", ScoreConfig),
+        ("causal LM", ScoreLMConfig),
+        ("preference model (a DPO run, or reference.* / dpo.* given)", ScoreDPOConfig),
+    ):
         lines += ["", f"{title}:"]
         for key in schema_keys(schema).values():
             if key.dotted.startswith("data."):
@@ -127,7 +153,8 @@ def usage() -> str:
     lines += [
         "",
         "data.*: classifier keys as `accelerate launch recipes/classify.py --help` lists them, causal LM keys as "
-        "`accelerate launch recipes/sft.py --help` does.",
+        "`accelerate launch recipes/sft.py --help` does, preference keys as `accelerate launch recipes/dpo.py "
+        "--help` does.",
     ]
     return "\n".join(lines)
 
@@ -146,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     models, run_dir = find_models(path)
     overrides = parse_argv(rest).overrides
     saved = read_yaml(run_dir / "config.yaml") if run_dir is not None else None
-    if model_kind(models[0].path, saved) == CAUSAL_LM:
+    kind = model_kind(models[0].path, saved)
+    if kind == CAUSAL_LM and (is_dpo_config(saved) or (saved is None and asks_for_preferences(overrides))):
+        scored = score_preference_models(path, models, run_dir, saved, overrides)
+    elif kind == CAUSAL_LM:
         scored = score_causal_lms(path, models, run_dir, saved, overrides)
     else:
         scored = score_classifiers(path, models, run_dir, overrides)

@@ -140,7 +140,8 @@ def dry_run(run: Run, train_set, train_report, val_set, val_report) -> None:
     if run.accelerator.is_main_process:
         lines, longest = describe_pairs(train_set, train_report, val_set, val_report)
         model_config = modeling.load_model_config(run.cfg.model)
-        report_dry_run(run, lines, len(train_set), longest, model_config, AUTO_CLASS)
+        reference_copy = run.cfg.reference_kind() == "model"
+        report_dry_run(run, lines, len(train_set), longest, model_config, AUTO_CLASS, 2, reference_copy)
 
 
 if __name__ == "__main__":

@@ -763,3 +763,94 @@ class ScoreLMConfig:
         if run_choice in ("loss", "perplexity") or (run_choice == "exact_match" and self.eval.num_generations):
             return run_choice
         return "loss"
+
+
+# --------------------------------------------------------------------------------------------
+# finetune-eval: scoring preference models (finetune.preference.score)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreReferenceConfig:
+    """The model the preference metrics are measured against (the DPO reference)."""
+
+    name_or_path: str | None = option(
+        None,
+        "the reference: a full model dir or a Hub id; null = the run's model.name_or_path (the model it started "
+        "from), or model.name_or_path given here",
+    )
+
+
+@dataclass
+class ScoreDPOLossConfig:
+    """The preference loss the models are scored by; a run's dpo.* keys (the loss it trained on)."""
+
+    loss: Literal["sigmoid", "ipo"] = inherited(DPOConfigGroup, "loss")
+    beta: float = inherited(DPOConfigGroup, "beta")
+    label_smoothing: float = inherited(DPOConfigGroup, "label_smoothing")
+    sft_weight: float = inherited(DPOConfigGroup, "sft_weight")
+
+
+@dataclass
+class ScoreDPOEvalConfig:
+    """What to compute for a preference model."""
+
+    batch_size: int = option(8, "pairs per process per batch; a run's eval.batch_size", ge=1)
+    num_generations: int = option(
+        0,
+        "greedy generations for the first N prompts, scored by exact_match against the chosen completion and "
+        "written to generations.jsonl; 0 = none",
+        ge=0,
+    )
+    max_new_tokens: int = option(64, "longest generation, in tokens; a run's eval.max_new_tokens", ge=1)
+    metric_for_best: (
+        Literal[
+            "loss",
+            "accuracy",
+            "rewards/margin",
+            "rewards/chosen",
+            "rewards/rejected",
+            "logps/chosen",
+            "logps/rejected",
+            "exact_match",
+        ]
+        | None
+    ) = option(
+        None,
+        "metric that orders the leaderboard of a run (loss, rejected rewards and log-probs: lower is better); null = "
+        "the run's eval.metric_for_best (exact_match only with eval.num_generations > 0), else accuracy",
+    )
+    chunked_loss: bool = option(
+        True,
+        "log-probs from the hidden states chunk by chunk, without (tokens x vocabulary) logits: the same numbers, "
+        "less memory; a run's train.chunked_loss",
+    )
+
+
+@dataclass
+class ScoreDPOConfig:
+    """Config of finetune-eval for preference models (recipes/dpo.py)."""
+
+    model: ScoreLMModelConfig = field(default_factory=ScoreLMModelConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    reference: ScoreReferenceConfig = field(default_factory=ScoreReferenceConfig)
+    dpo: ScoreDPOLossConfig = field(default_factory=ScoreDPOLossConfig)
+    eval: ScoreDPOEvalConfig = field(default_factory=ScoreDPOEvalConfig)
+    output: ScoreOutputConfig = field(default_factory=ScoreOutputConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.eval.metric_for_best == "exact_match" and self.eval.num_generations == 0:
+            problems.append("eval.metric_for_best=exact_match needs generations: set eval.num_generations > 0")
+        if self.dpo.label_smoothing and self.dpo.loss != "sigmoid":
+            problems.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.dpo.loss}: set it to 0")
+        return problems
+
+    def metric_for_best(self, run_choice: str | None = None) -> str:
+        """eval.metric_for_best, else the run's `run_choice` (its eval.metric_for_best; exact_match only when
+        generations are asked for), else accuracy."""
+        if self.eval.metric_for_best:
+            return self.eval.metric_for_best
+        if run_choice and (run_choice != "exact_match" or self.eval.num_generations):
+            return run_choice
+        return "accuracy"

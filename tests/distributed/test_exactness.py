@@ -1,8 +1,8 @@
 """Through the recipes, as users launch them: however the global batch is split into micro-batches, accumulation
 steps and processes (gloo), training ends at the same weights: recipes/classify.py (1 process x accumulation 4,
-1 process x big batch, 2 processes x accumulation 2) and recipes/sft.py (2 processes x micro-batch 2 x accumulation 2
-against 1 process x micro-batch 8: target tokens counted globally). The library pieces, in one process:
-tests/unit/test_exactness.py."""
+1 process x big batch, 2 processes x accumulation 2), recipes/sft.py (2 processes x micro-batch 2 x accumulation 2
+against 1 process x micro-batch 8: target tokens counted globally) and recipes/dpo.py (16 x 1 = 4 x 4 = 2 processes x
+4 x 2 pairs: each window a mean over its pairs). The library pieces, in one process: tests/unit/test_exactness.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib.util
 import json
 
 import pytest
-from helpers import CLASSIFY, SFT, final_weights, launch, max_difference, read_jsonl, sft_args
+from helpers import CLASSIFY, DPO, SFT, dpo_args, final_weights, launch, max_difference, read_jsonl, sft_args
 from safetensors.torch import load_file
 
 
@@ -97,3 +97,33 @@ def test_sft_two_processes_train_like_one(levers, tiny_lm, chat_data, tmp_path):
     assert max_difference(weights["two"], weights["one"]) <= 2e-6
     assert logs["two"]["tokens"] == logs["one"]["tokens"]  # every validation token counted once
     assert logs["two"]["loss"] == pytest.approx(logs["one"]["loss"], rel=1e-5)
+
+
+def test_dpo_split_of_the_global_batch_does_not_change_training(tiny_lm, pair_data, tmp_path, monkeypatch):
+    """16 pairs per step as 16 x 1, 4 x 4 and 2 processes x 4 x 2: the same weights, losses and rewards. The 2-process
+    run computes its precomputed reference itself (cache off), its pairs split over the processes."""
+    common = [
+        "train.max_steps=3",
+        "train.global_batch_size=16",
+        "train.optimizer=sgd",
+        "train.lr=1.0",
+        "train.weight_decay=0",
+        "dpo.beta=0.5",
+        "eval.num_generations=0",
+    ]
+    runs = {"16 x 1": (1, 16), "4 x 4": (1, 4), "2 processes x 4 x 2": (2, 4)}
+    weights, logs = {}, {}
+    for name, (processes, micro) in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        if processes > 1:
+            monkeypatch.setenv("FINETUNE_CACHE", "off")
+        result = launch(DPO, dpo_args(tiny_lm, pair_data, out, *common, f"train.micro_batch_size={micro}"), processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[name] = final_weights(out)
+        logs[name] = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    for name in runs:
+        assert max_difference(weights[name], weights["16 x 1"]) <= 2e-6, name
+        for record, expected in zip(logs[name], logs["16 x 1"], strict=True):
+            for key in ("loss", "rewards/margin", "accuracy", "logps/chosen"):
+                assert record[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (name, key)
+    assert logs["16 x 1"][-1]["rewards/margin"] != 0, "the policy never moved from its reference: test too weak"
