@@ -38,6 +38,7 @@ RUN = {
     "accelerate launch recipes/sft.py --config recipes/configs/sft/demo.yaml --dry-run": "optimizer steps: 500",
     "accelerate launch recipes/sft.py --config recipes/configs/sft/demo.yaml model.quantization=nf4 lora.enabled=true "
     "train.optimizer=adamw_8bit --dry-run": "memory levers: nf4 base weights, double-quantized, LoRA r=8",
+    "accelerate launch recipes/dpo.py --config recipes/configs/dpo/demo.yaml --dry-run": "optimizer steps: 100",
     "finetune-eval --help": "finetune-eval: score an exported model, a training checkpoint, or every model of a run",
     "finetune-plot --help": "usage: finetune-plot",
 }
@@ -50,7 +51,7 @@ NOT_RUN = {
     "finetune-plot runs/": "plots finished runs: tests/unit/test_plots.py runs the command on written logs",
 }
 
-RECIPES = {"recipes/classify.py": "classify", "recipes/sft.py": "sft"}
+RECIPES = {"recipes/classify.py": "classify", "recipes/sft.py": "sft", "recipes/dpo.py": "dpo"}
 
 
 def readme_commands() -> list[str]:
@@ -104,9 +105,9 @@ def test_every_readme_command_is_run_resolved_or_deliberately_not_run():
 def test_training_commands_resolve_their_config(monkeypatch):
     """Each training command's YAML and overrides make a valid config (not trained: that takes minutes or more)."""
     from finetune.core.config import load_config
-    from finetune.core.schemas import ClassifyConfig, SFTConfig
+    from finetune.core.schemas import ClassifyConfig, DPOConfig, SFTConfig
 
-    schemas = {"classify": ClassifyConfig, "sft": SFTConfig}
+    schemas = {"classify": ClassifyConfig, "sft": SFTConfig, "dpo": DPOConfig}
     resolved = 0
     for command in filter(trains, readme_commands()):
         words = command.split()
