@@ -27,9 +27,12 @@ from helpers import (
 from finetune.preference.loss import STATS
 
 
-def test_lora_run_starts_at_its_reference_and_writes_a_generating_model(tiny_lm, pair_data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "levers", [[], ["model.quantization=nf4", "train.optimizer=adamw_8bit"]], ids=["lora", "qlora"]
+)
+def test_lora_run_starts_at_its_reference_and_writes_a_generating_model(levers, tiny_lm, pair_data, tmp_path, capsys):
     out = tmp_path / "lora"
-    args = ["lora.enabled=true", "train.max_steps=6", "eval.every_n_steps=3", "eval.metric_for_best=accuracy"]
+    args = ["lora.enabled=true", "train.max_steps=6", "eval.every_n_steps=3", "eval.metric_for_best=accuracy", *levers]
     recipe_main(DPO)(dpo_args(tiny_lm, pair_data, out, *args, "train.lr=3e-2"))
     assert "reference: adapter_off" in capsys.readouterr().out
     records = read_jsonl(out / "metrics.jsonl")
@@ -46,6 +49,8 @@ def test_lora_run_starts_at_its_reference_and_writes_a_generating_model(tiny_lm,
     assert results["reference"] == "adapter_off" and results["metric_for_best"] == "accuracy"
     assert len(read_jsonl(out / "generations" / "step_000006.jsonl")) == 3
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    if levers:  # final/ is merged onto the dequantized base: it gives the quantized model's logits
+        assert results["merged_model"]["max_logit_difference"] < 1e-4
 
     from transformers import pipeline
 

@@ -11,11 +11,14 @@ import pytest
 import torch
 from helpers import DPO, dpo_args, launch, read_jsonl, recipe_main, reset_accelerate_state, write_rows
 
+from finetune.core.config import load_config
 from finetune.core.metric_names import MetricGoal
+from finetune.core.schemas import ScoreDPOConfig
 from finetune.eval import is_dpo_config, usage
 from finetune.eval import main as score_main
+from finetune.preference.loss import STATS
 
-COMPARED = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "logps/rejected")
+COMPARED = ("loss", *STATS)  # rewards, accuracy and log-probs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,9 +59,9 @@ def tiny_dpo_args(tiny_lm, pair_data, out, saved_tiny, *extra: str) -> list[str]
 
 @pytest.fixture(scope="module")
 def dpo_run(tiny_lm, pair_data, saved_tiny, tmp_path_factory):
-    """A 4-step full fine-tune (reference precomputed): checkpoints/step_000002, step_000004 and final/."""
+    """A 5-step full fine-tune (reference precomputed): checkpoints/step_000002, step_000004 and final/."""
     out = tmp_path_factory.mktemp("dpo_scored") / "run"
-    result = launch(DPO, tiny_dpo_args(tiny_lm, pair_data, out, saved_tiny, "train.max_steps=4"))
+    result = launch(DPO, tiny_dpo_args(tiny_lm, pair_data, out, saved_tiny, "train.max_steps=5"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -81,7 +84,7 @@ def test_run_dir_scores_every_model_against_its_reference_as_training_did(dpo_ru
     assert "leaderboard by loss" in out  # the run's eval.metric_for_best
     board = json.loads((dpo_run / "eval" / "leaderboard.json").read_text())
     assert sorted((row["model"], row["step"]) for row in board) == [
-        ("final", 4),
+        ("final", 5),
         ("reference", 0),
         ("step_000002", 2),
         ("step_000004", 4),
@@ -89,11 +92,13 @@ def test_run_dir_scores_every_model_against_its_reference_as_training_did(dpo_ru
     assert_ranked(board, "loss")
     scored = {row["model"]: row for row in board}
     training = json.loads((dpo_run / "eval_results.json").read_text())
-    at_checkpoint = json.loads((dpo_run / "checkpoints" / "step_000002" / "progress.json").read_text())["metrics"]
-    for name in COMPARED:  # same pairs, batches, reference and code
-        assert scored["final"][name] == pytest.approx(training[name], rel=1e-4), name
-        assert scored["step_000004"][name] == pytest.approx(training[name], rel=1e-4), name
-        assert scored["step_000002"][name] == pytest.approx(at_checkpoint[name], rel=1e-4), name
+    evaluated = {name: training for name in ("final",)}
+    for checkpoint in ("step_000002", "step_000004"):
+        progress = json.loads((dpo_run / "checkpoints" / checkpoint / "progress.json").read_text())
+        evaluated[checkpoint] = progress["metrics"]
+    for model, metrics in evaluated.items():  # same pairs, batches, reference and code
+        for name in COMPARED:
+            assert scored[model][name] == pytest.approx(metrics[name], rel=1e-4), (model, name)
     assert scored["final"]["pairs"] == training["pairs"] == 12
     # The reference against itself: no reward, no pair preferred, the loss log 2.
     reference = scored["reference"]
@@ -111,7 +116,7 @@ def test_run_dir_scores_every_model_against_its_reference_as_training_did(dpo_ru
 
 def test_lora_adapters_are_scored_on_their_base(tiny_lm, pair_data, saved_tiny, tmp_path, capsys):
     out = tmp_path / "lora"
-    args = ["lora.enabled=true", "train.max_steps=2", "train.lr=3e-2", "eval.num_generations=0"]
+    args = ["lora.enabled=true", "train.max_steps=3", "train.lr=3e-2", "eval.num_generations=0"]
     recipe_main(DPO)(tiny_dpo_args(tiny_lm, pair_data, out, saved_tiny, *args))
     capsys.readouterr()
     adapter = out / "checkpoints" / "step_000002" / "model"
@@ -123,11 +128,14 @@ def test_lora_adapters_are_scored_on_their_base(tiny_lm, pair_data, saved_tiny, 
     assert_ranked(board, "rewards/rejected")
     scored = {row["model"]: row for row in board}
     assert scored["step_000002"]["model_path"] == str(adapter)
-    training = json.loads((out / "eval_results.json").read_text())  # the adapter's evaluation, its reference off
-    for name in ("step_000002", "final"):  # the adapter on its base, and merged into it
-        for metric in COMPARED:
-            expected = training[metric]
-            assert scored[name][metric] == pytest.approx(expected, rel=1e-4, abs=1e-6), (name, metric)
+    # As training evaluated them, the reference its adapters off: the adapter on its base, and merged into it.
+    evaluated = {
+        "step_000002": json.loads((adapter.parent / "progress.json").read_text())["metrics"],
+        "final": json.loads((out / "eval_results.json").read_text()),
+    }
+    for model, metrics in evaluated.items():
+        for name in COMPARED:
+            assert scored[model][name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-6), (model, name)
     assert abs(scored["step_000002"]["rewards/margin"]) > 1e-4  # the adapter was applied
 
 
@@ -168,3 +176,17 @@ def test_help_lists_the_preference_keys():
     assert all(key in text for key in ("reference.name_or_path", "dpo.beta", "dpo.sft_weight", "rewards/rejected"))
     assert is_dpo_config({"dpo": {"beta": 0.1}}) and not is_dpo_config({"data": {"format": "chat"}})
     assert not is_dpo_config(None)
+
+
+@pytest.mark.parametrize(
+    ("args", "run_choice", "expected"),
+    [
+        ([], None, "accuracy"),
+        ([], "rewards/margin", "rewards/margin"),
+        ([], "exact_match", "accuracy"),  # the run's choice needs generations, which scoring does not make by default
+        (["eval.num_generations=2"], "exact_match", "exact_match"),
+        (["eval.metric_for_best=logps/rejected"], "loss", "logps/rejected"),
+    ],
+)
+def test_metric_for_best(args, run_choice, expected):
+    assert load_config(ScoreDPOConfig, args).metric_for_best(run_choice) == expected
