@@ -20,7 +20,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from finetune.core.paths import PACKAGE_PREFIX, looks_like_path
 
-PIPELINES = {"classify": "text-classification", "sft": "text-generation"}
+PIPELINES = {"classify": "text-classification", "sft": "text-generation", "dpo": "text-generation"}
 NOT_METRICS = {"step", "epoch", "num_examples", "tokens", "num_tokens"}  # results that count, not score
 HUB_METRICS = {"pearson": "pearsonr", "spearman": "spearmanr"}  # our name -> the Hub's metric id
 AVERAGES = ("_micro", "_macro", "_weighted")  # f1_macro is the Hub's `f1` with config `macro`
@@ -32,7 +32,7 @@ DISTRIBUTED = {"MULTI_GPU": "DDP", "MULTI_CPU": "DDP", "DEEPSPEED": "DeepSpeed",
 class CardFacts:
     """What the card states about a run, gathered by the recipe at its end."""
 
-    recipe: str  # "classify" or "sft"
+    recipe: str  # "classify", "sft" or "dpo"
     config: dict  # the resolved config as a nested dict (finetune.core.config.config_to_dict(cfg))
     results: dict  # the final eval metrics (names without eval_ prefix) and run stats, as eval_results.json
     metric_for_best: str
@@ -178,10 +178,12 @@ def _link(spec: str | None, kind: str = "") -> str:
 
 
 def _body(facts: CardFacts) -> list[str]:
-    cfg, res, sft = facts.config, facts.results, facts.recipe == "sft"
+    cfg, res = facts.config, facts.results
+    sft = facts.recipe in ("sft", "dpo")  # causal LMs: they generate
     model, train = _get(cfg, "model.name_or_path"), _get(cfg, "data.train")
     subset = f" ({_get(cfg, 'data.hub_config')})" if _get(cfg, "data.hub_config") else ""
-    task = "supervised fine-tuning of a causal LM" if sft else f"text {_get(cfg, 'data.task', 'classification')}"
+    tasks = {"sft": "supervised fine-tuning of a causal LM", "dpo": _preference_task(cfg)}
+    task = tasks.get(facts.recipe, f"text {_get(cfg, 'data.task', 'classification')}")
     base = f"random weights with the architecture of {_link(model)}" if _get(cfg, "model.random_init") else _link(model)
     intro = f"Fine-tuned from {base} on {_link(train, 'datasets/')}{subset} by the finetune `{facts.recipe}` recipe"
     lines = [f"# {_run_name(cfg)}", "", f"{intro} ({task}).", "", "## Evaluation results", ""]
@@ -212,6 +214,14 @@ def _body(facts: CardFacts) -> list[str]:
     lines += ["```python", "from transformers import pipeline", "", *use, "```", ""]
     config_yaml = yaml.safe_dump(cfg, sort_keys=False).rstrip()
     return [*lines, "<details><summary>Resolved config</summary>", "", "```yaml", config_yaml, "```", "", "</details>"]
+
+
+def _preference_task(cfg: dict) -> str:
+    """What a DPO run optimised: its loss, beta and reference."""
+    loss = {"sigmoid": "DPO", "ipo": "IPO"}.get(_get(cfg, "dpo.loss"), _get(cfg, "dpo.loss"))
+    extra = f", label smoothing {_num(_get(cfg, 'dpo.label_smoothing'))}" if _get(cfg, "dpo.label_smoothing") else ""
+    extra += f", NLL weight {_num(_get(cfg, 'dpo.sft_weight'))} (RPO)" if _get(cfg, "dpo.sft_weight") else ""
+    return f"preference tuning of a causal LM: {loss}, beta {_num(_get(cfg, 'dpo.beta'))}{extra}"
 
 
 def _data(facts: CardFacts) -> list[str]:

@@ -57,7 +57,8 @@ def test_lora_run_starts_at_its_reference_and_writes_a_generating_model(levers, 
     generator = pipeline("text-generation", model=str(out / "final"), device="cpu")
     reply = generator([{"role": "user", "content": "reverse abc"}], max_new_tokens=4, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
-    assert "dpo" in (out / "final" / "README.md").read_text()
+    card = (out / "final" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "preference tuning of a causal LM: DPO, beta 0.1" in card
     reset_accelerate_state()
 
 
