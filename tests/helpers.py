@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import string
 import subprocess
@@ -312,6 +313,16 @@ def dpo_args(tiny_lm: Path, data: dict, output_dir: Path, *extra: str) -> list[s
         f"output.dir={output_dir}",
         *extra,
     ]
+
+
+def without_chat_template(model_dir: Path, target: Path) -> Path:
+    """A copy of `model_dir` whose tokenizer has no chat template."""
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    return target
 
 
 # --------------------------------------------------------------------------------------------

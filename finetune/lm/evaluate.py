@@ -159,12 +159,16 @@ def evaluator(run: Run, model, tokenizer, val_loader, prompts: list[dict], loss_
 
     def evaluate(step: int) -> dict:
         metrics = evaluate_lm(accelerator, model, val_loader, loss_fn, cfg.train.on_nonfinite_loss)
-        completions = generate_greedy(
-            accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        )
-        metrics.update(score_generations(prompts, completions))
-        if accelerator.is_main_process and prompts:
-            write_generations(run.dir.generations_at(step), step, prompts, completions)
-        return metrics
+        return {**metrics, **generations_scored(run, model, tokenizer, prompts, step)}
 
     return evaluate
+
+
+def generations_scored(run: Run, model, tokenizer, prompts: list[dict], step: int) -> dict[str, float]:
+    """Greedy answers to `prompts` at `step`, scored by exact match and written to the run's generations/ (main
+    process): what every causal-LM recipe's evaluation adds to its loss."""
+    accelerator, cfg = run.accelerator, run.cfg
+    completions = generate_greedy(accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    if accelerator.is_main_process and prompts:
+        write_generations(run.dir.generations_at(step), step, prompts, completions)
+    return score_generations(prompts, completions)

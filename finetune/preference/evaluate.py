@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from finetune.core.errors import UserError
-from finetune.lm.evaluate import generate_greedy, score_generations, write_generations
+from finetune.lm.evaluate import generations_scored
 from finetune.preference.loss import STATS, PreferenceLoss
 
 
@@ -59,12 +59,6 @@ def evaluator(run, model, tokenizer, val_loader, prompts: list[dict], loss: Pref
 
     def evaluate(step: int) -> dict:
         metrics = preference_metrics(accelerator, model, val_loader, loss, cfg.train.on_nonfinite_loss)
-        completions = generate_greedy(
-            accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        )
-        metrics.update(score_generations(prompts, completions))
-        if accelerator.is_main_process and prompts:
-            write_generations(run.dir.generations_at(step), step, prompts, completions)
-        return metrics
+        return {**metrics, **generations_scored(run, model, tokenizer, prompts, step)}
 
     return evaluate

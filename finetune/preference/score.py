@@ -208,7 +208,7 @@ def tokenized_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Sco
     """The pairs as training tokenizes them (`tokenize_pairs`) and collates its validation batches: padded, longest
     first, eval.batch_size pairs each; the same batches on every process."""
     check_preference_chat_template(cfg.data, tokenizer, pairs_format(pairs))
-    dataset, report = tokenize_pairs(pairs, tokenizer, cfg.data, f"data.validation ({cfg.data.validation})")
+    dataset, report = tokenize_pairs(pairs, tokenizer, cfg.data, "validation")
     collate = PreferenceCollator.for_tokenizer(tokenizer)
     batches = list(make_dataloader(dataset, cfg.eval.batch_size, collate, longest_first=True))
     prompts = preference_generation_prompts(pairs, tokenizer, cfg.eval.num_generations)

@@ -6,7 +6,6 @@ tests/distributed/test_exactness.py; the loss and the reference in one process: 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 
 import pytest
@@ -21,6 +20,7 @@ from helpers import (
     reset_accelerate_state,
     run_bad,
     run_to_end,
+    without_chat_template,
     write_rows,
 )
 
@@ -111,12 +111,7 @@ def test_bad_input_is_refused_before_the_model_loads(tiny_lm, pair_data, tmp_pat
         assert expected in err, err
     err = run_bad(dpo_args(tiny_lm, pair_data, tmp_path / "x", "dpo.reference=adapter_off"), capsys, DPO)
     assert "dpo.reference=adapter_off needs lora.enabled=true" in err
-    no_template = tmp_path / "no_template"
-    shutil.copytree(tiny_lm, no_template)
-    config = json.loads((no_template / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
-    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    no_template = without_chat_template(tiny_lm, tmp_path / "no_template")
     err = run_bad(dpo_args(no_template, pair_data, tmp_path / "y"), capsys, DPO)
     assert "data.chat_template" in err
     assert not any(p.name.startswith("out") or p.name in "xy" for p in tmp_path.iterdir() if p.is_dir())

@@ -21,6 +21,7 @@ from helpers import (
     reset_accelerate_state,
     run_bad,
     sft_args,
+    without_chat_template,
     write_rows,
 )
 
@@ -131,12 +132,7 @@ def test_resume_from_a_checkpoint_is_bitwise_equal(tiny_lm, chat_data, tmp_path,
 
 
 def test_bad_input_is_refused_before_the_model_loads(tiny_lm, chat_data, tmp_path, capsys):
-    no_template = tmp_path / "no_template"
-    shutil.copytree(tiny_lm, no_template)
-    config = json.loads((no_template / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
-    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    no_template = without_chat_template(tiny_lm, tmp_path / "no_template")
     err = run_bad(sft_args(no_template, chat_data, tmp_path / "a"), capsys, SFT)
     assert "data.chat_template" in err
     err = run_bad(sft_args(tiny_lm, chat_data, tmp_path / "b", "data.format=prompt_completion"), capsys, SFT)
