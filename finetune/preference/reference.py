@@ -103,14 +103,28 @@ class ModelReference:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """xxh3-128 of every parameter (name, dtype, shape, bytes) of the model as loaded: the reference's identity."""
+    """xxh3-128 of every parameter (name, dtype, shape, bytes) of the model as loaded: the reference's identity.
+    Parameters DeepSpeed ZeRO-3 partitioned as they loaded are not here whole: their checkpoint files stand in."""
     import xxhash
 
     digest = xxhash.xxh3_128()
+    if any(hasattr(param, "ds_numel") for param in model.parameters()):
+        return _files_fingerprint(getattr(model, "name_or_path", "") or "", digest)
     for name, param in model.named_parameters():
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _files_fingerprint(name_or_path: str, digest) -> str:
+    """The name, size and modification time of each weights file of a local model dir (a Hub id: its name, and the
+    revision the settings hold)."""
+    root = Path(name_or_path)
+    for file in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    digest.update(name_or_path.encode())
     return digest.hexdigest()
 
 
