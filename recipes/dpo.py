@@ -62,8 +62,10 @@ def main(argv: list[str]) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     # ---- data: token ids of prompt, chosen and rejected; before the model, so that bad pairs are refused first
     with accelerator.main_process_first():
-        train_set, train_report = tokenize_pairs(data.train, tokenizer, cfg.data, "train")
-        val_set, val_report = tokenize_pairs(data.validation, tokenizer, cfg.data, "validation")
+        train_set, train_report = tokenize_pairs(data.train, tokenizer, cfg.data, "train", data.dropped_identical_train)
+        val_set, val_report = tokenize_pairs(
+            data.validation, tokenizer, cfg.data, "validation", data.dropped_identical_validation
+        )
     if run.dry_run:
         return dry_run(run, train_set, train_report, val_set, val_report)
     start_run(run)

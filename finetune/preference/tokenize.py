@@ -121,7 +121,7 @@ LENGTH_COLUMN = "length"
 
 
 def tokenize_pairs(
-    ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DPODataConfig, name: str = "data"
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DPODataConfig, name: str = "data", dropped_identical: int = 0
 ) -> tuple[Dataset, PairReport]:
     """Columns `prompt_ids`, `chosen_ids`, `rejected_ids` (the completions' tokens only) of normalised pairs.
 
@@ -175,6 +175,9 @@ def tokenize_pairs(
     # `length`: what the loaders sort and size batches by (`finetune.core.data.token_lengths`)
     tokenized = tokenized.add_column(LENGTH_COLUMN, sequence_lengths(tokenized))
     report = PairReport(**report)
+    # Pairs whose texts were already identical (`load_preference_data` dropped them) count as read and dropped.
+    report.pairs += dropped_identical
+    report.dropped_identical += dropped_identical
     if report.kept == 0:
         raise UserError(
             f"{name}: no preference pair left after tokenizing: all {report.pairs:,} have chosen and rejected "

@@ -78,10 +78,15 @@ def test_kill_9_and_resume_with_a_precomputed_reference_equals_an_uninterrupted_
 
 
 def test_dry_run_counts_two_sequences_per_pair_and_a_reference_copy(tiny_lm, pair_data, tmp_path, capsys):
+    """And a pair whose chosen is its rejected is dropped and counted, not refused."""
+    rows = read_jsonl(pair_data["train"])
+    same = {**rows[0], "rejected": rows[0]["chosen"]}
+    data = {**pair_data, "train": write_rows(tmp_path / "train.jsonl", [*rows, same])}
     for reference, out in (("precomputed", tmp_path / "a"), ("model", tmp_path / "b")):
-        recipe_main(DPO)([*dpo_args(tiny_lm, pair_data, out, f"dpo.reference={reference}"), "--dry-run"])
+        recipe_main(DPO)([*dpo_args(tiny_lm, data, out, f"dpo.reference={reference}"), "--dry-run"])
         stdout = capsys.readouterr().out
-        assert "48 kept" in stdout and "micro-batch 4 (2 sequences each)" in stdout
+        assert "49 pairs: 48 kept" in stdout and "1 dropped with identical completions" in stdout
+        assert "micro-batch 4 (2 sequences each)" in stdout
         assert ("reference model" in stdout) == (reference == "model")
         assert not out.exists()
     reset_accelerate_state()
