@@ -13,6 +13,9 @@ Rows:
   bert-large lora 4 GiB      the same with LoRA under 4 GiB
   fsdp2 resume               fsdp.yaml (1 process, bf16): trains, and a run resumed from its step-20 checkpoint ends
                              bitwise equal to it
+  dpo demo <precision>       recipes/configs/dpo/demo.yaml under bf16 and fp16 autocast (reference precomputed):
+                             exact match >= 0.85 (0.903 on the CPU in fp32), no warnings
+  dpo lora bf16              the demo with LoRA (reference: adapters off) under bf16: finite, the margin grows
   pytest                     the whole suite (GPU-only tests included: activation offload's gradients and peak).
                              bitsandbytes (a 43 MB wheel) does not fit this carry beside MiniLM: the QLoRA tests
                              skip here; benchmarks/memory_levers.py --gpu carries and installs it, after which
@@ -109,9 +112,23 @@ def results(out: Path) -> dict:
     return json.loads((out / "eval_results.json").read_text())
 
 
-def launch(config: str, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+def launch(config: str, *args: str, extra: tuple[str, ...] = (), recipe: str = "classify") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
-            *extra, "recipes/classify.py", *args, "logging.progress_bar=never"]  # fmt: skip
+            *extra, f"recipes/{recipe}.py", *args, "logging.progress_bar=never"]  # fmt: skip
+
+
+def dpo_check(out: Path, least: float | None):
+    """The DPO demo's exact match at least `least`; or (None) a finite loss and a margin that grew."""
+
+    def check(output: str):
+        r = results(out)
+        if least is not None:
+            passed = r["exact_match"] >= least and not r["warnings"]
+            return passed, f"exact match {r['exact_match']:.3f}, accuracy {r['accuracy']:.3f}, warnings {r['warnings']}"
+        passed = r["loss"] == r["loss"] and r["rewards/margin"] > 0 and not r["warnings"]
+        return passed, f"loss {r['loss']:.4f}, margin {r['rewards/margin']:.4f}, exact match {r['exact_match']:.3f}"
+
+    return check
 
 
 def bbc_check(out: Path):
@@ -194,6 +211,16 @@ def main() -> None:
             fsdp_check,
         )
     )  # noqa: E501
+    dpo_demo = ("--config", "recipes/configs/dpo/demo.yaml", "train.cpu_threads=null")
+    for precision in ("bf16", "fp16"):
+        out = WORK / f"dpo_demo_{precision}"
+        command = launch("single_gpu.yaml", *dpo_demo, f"output.dir={out}", extra=("--mixed_precision", precision),
+                         recipe="dpo")  # fmt: skip
+        jobs.append((f"dpo demo {precision}", command, dpo_check(out, 0.85)))
+    out = WORK / "dpo_lora_bf16"
+    command = launch("single_gpu.yaml", *dpo_demo, "lora.enabled=true", "train.lr=3e-3", f"output.dir={out}",
+                     extra=("--mixed_precision", "bf16"), recipe="dpo")  # fmt: skip
+    jobs.append(("dpo lora bf16", command, dpo_check(out, None)))
     # One process (-o addopts: no xdist workers, which the GPU image lacks and which would share the one GPU).
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-rs"]
     jobs.append(("pytest (whole suite)", pytest, lambda out: (True, out.strip().splitlines()[-1][:90])))
