@@ -30,7 +30,7 @@ from finetune.preference import evaluate, reference
 from finetune.preference.collate import PreferenceCollator, pairs_in
 from finetune.preference.data import check_preference_chat_template, load_preference_data
 from finetune.preference.loss import PreferenceLoss
-from finetune.preference.setup import check_reference, disable_dropout, merge_check_batches, reference_settings
+from finetune.preference.setup import disable_dropout, merge_check_batches, reference_kind, reference_settings
 from finetune.preference.tokenize import describe_pairs, preference_generation_prompts, tokenize_pairs
 from finetune.report import reporting
 from finetune.training import batches, loop
@@ -52,7 +52,7 @@ def setup(argv: list[str]):
     modeling.check_max_length(cfg.data.max_length, model_config, tokenizer)
     modeling.check_lora_targets(cfg.lora, model_config, AUTO_CLASS)
     launch(run, model_config, AUTO_CLASS)
-    check_reference(cfg, run.accelerator)
+    reference_kind(cfg, run.accelerator)  # a reference this launch cannot hold is refused here
     return run, data, tokenizer
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
 
     # ---- model, and the reference: adapters off, precomputed log-probs, or a frozen copy
     model = modeling.load_causal_lm(cfg.model, tokenizer, **run.weights_loading())
-    kind = cfg.reference_kind()
+    kind = reference_kind(cfg, accelerator)
     frozen_copy = copy.deepcopy(model) if kind == "model" else None
     fingerprint = reference.weights_fingerprint(model) if kind == "precomputed" else None
     flatten = cfg.dpo.padding_free
@@ -142,7 +142,7 @@ def dry_run(run: Run, train_set, train_report, val_set, val_report) -> None:
     if run.accelerator.is_main_process:
         lines, longest = describe_pairs(train_set, train_report, val_set, val_report)
         model_config = modeling.load_model_config(run.cfg.model)
-        reference_copy = run.cfg.reference_kind() == "model"
+        reference_copy = reference_kind(run.cfg, run.accelerator) == "model"
         report_dry_run(run, lines, len(train_set), longest, model_config, AUTO_CLASS, 2, reference_copy)
 
 

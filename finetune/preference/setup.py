@@ -12,15 +12,28 @@ from finetune.core.schemas import DPOConfig
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def check_reference(cfg: DPOConfig, accelerator) -> None:
-    """Refuse a reference this launch cannot hold, before any weights load."""
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if cfg.reference_kind() == "model" and (sharded or getattr(accelerator, "is_fsdp2", False)):
+def reference_kind(cfg: DPOConfig, accelerator) -> str:
+    """dpo.reference resolved for this launch (`DPOConfig.reference_kind`; under FSDP auto is precomputed), or a
+    UserError for a reference the launch cannot hold, before any weights load."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP or getattr(accelerator, "is_fsdp2", False)
+    sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
+    kind = cfg.reference_kind()
+    if kind == "model" and sharded:
         raise UserError(
             f"dpo.reference=model under {accelerator.distributed_type.value}: the frozen copy would be whole on every "
             "process, not sharded. Set dpo.reference=precomputed (no second model in memory) or, with LoRA, "
             "adapter_off."
         )
+    if kind == "adapter_off" and fsdp:
+        if cfg.dpo.reference == "auto":
+            return "precomputed"
+        # FSDP2 (torch 2.13) fails the gradient reduce of a step whose module also ran a no-grad forward with the
+        # adapters off: "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float".
+        raise UserError(
+            "dpo.reference=adapter_off under FSDP: FSDP2 fails the step after a forward with the adapters off. Set "
+            "dpo.reference=precomputed (or auto): the reference's log-probs are computed once before training."
+        )
+    return kind
 
 
 def disable_dropout(model: nn.Module) -> None:
