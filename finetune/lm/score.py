@@ -82,21 +82,24 @@ def _known(mapping: dict | None, schema: type) -> dict:
     return {k: v for k, v in (mapping or {}).items() if k in keys}
 
 
-def load_lm_config(run_dir: Path | None, saved: dict | None, overrides: list[tuple[str, str]]) -> ScoreLMConfig:
-    """Defaults < the run's model, data and evaluation keys < the command line."""
+def scoring_config(schema: type, run_dir: Path | None, saved: dict | None, overrides, groups: dict[str, type]):
+    """A causal-LM scorer's config: defaults < the run's `groups` (name -> the schema whose keys are taken) and its
+    evaluation keys (batch size, generation length, chunked loss) < the command line."""
     sources = []
     if saved is not None:
         eval_saved = {k: v for k, v in (saved.get("eval") or {}).items() if k in ("batch_size", "max_new_tokens")}
         if "chunked_loss" in (saved.get("train") or {}):
             eval_saved["chunked_loss"] = saved["train"]["chunked_loss"]
-        run = {
-            "model": _known(saved.get("model"), ScoreLMModelConfig),
-            "data": _known(saved.get("data"), SFTDataConfig),
-            "eval": eval_saved,
-        }
-        sources.append((str(run_dir / "config.yaml"), run))
+        run = {name: _known(saved.get(name), group) for name, group in groups.items()}
+        sources.append((str(run_dir / "config.yaml"), {**run, "eval": eval_saved}))
     sources.append((COMMAND_LINE, dict(overrides)))
-    return build_config(ScoreLMConfig, sources)
+    return build_config(schema, sources)
+
+
+def load_lm_config(run_dir: Path | None, saved: dict | None, overrides: list[tuple[str, str]]) -> ScoreLMConfig:
+    """Defaults < the run's model, data and evaluation keys < the command line."""
+    groups = {"model": ScoreLMModelConfig, "data": SFTDataConfig}
+    return scoring_config(ScoreLMConfig, run_dir, saved, overrides, groups)
 
 
 def load_lm_examples(data: SFTDataConfig, have_source: bool) -> Dataset:

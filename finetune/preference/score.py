@@ -23,7 +23,6 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from finetune.core import quantization
-from finetune.core.config import COMMAND_LINE, build_config
 from finetune.core.data import is_hub_dataset, make_dataloader, read_source, read_validation
 from finetune.core.errors import UserError
 from finetune.core.modeling import load_causal_lm, load_tokenizer
@@ -44,12 +43,12 @@ from finetune.lm.probes import enable_exact_chunked_loss
 from finetune.lm.score import (
     BASE_WEIGHT_FILES,
     TOKENIZER_FILES,
-    _known,
     check_lm_max_length,
     lm_adapter_base,
     load_lm,
     saved_max_length,
     scorable_lms,
+    scoring_config,
 )
 from finetune.preference.collate import REFERENCE_COLUMN, PreferenceCollator
 from finetune.preference.data import check_preference_chat_template, load_preference_data, normalise_pairs, pairs_format
@@ -126,20 +125,8 @@ def score_preference_models(
 
 def load_dpo_config(run_dir: Path | None, saved: dict | None, overrides: list[tuple[str, str]]) -> ScoreDPOConfig:
     """Defaults < the run's model, data, dpo loss and evaluation keys < the command line."""
-    sources = []
-    if saved is not None:
-        eval_saved = {k: v for k, v in (saved.get("eval") or {}).items() if k in ("batch_size", "max_new_tokens")}
-        if "chunked_loss" in (saved.get("train") or {}):
-            eval_saved["chunked_loss"] = saved["train"]["chunked_loss"]
-        run = {
-            "model": _known(saved.get("model"), ScoreLMModelConfig),
-            "data": _known(saved.get("data"), DPODataConfig),
-            "dpo": _known(saved.get("dpo"), ScoreDPOLossConfig),
-            "eval": eval_saved,
-        }
-        sources.append((str(run_dir / "config.yaml"), run))
-    sources.append((COMMAND_LINE, dict(overrides)))
-    return build_config(ScoreDPOConfig, sources)
+    groups = {"model": ScoreLMModelConfig, "data": DPODataConfig, "dpo": ScoreDPOLossConfig}
+    return scoring_config(ScoreDPOConfig, run_dir, saved, overrides, groups)
 
 
 def reference_source(cfg: ScoreDPOConfig, base_given: bool) -> str:
