@@ -15,6 +15,7 @@ evaluation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from finetune.preference.collate import PreferenceCollator, pairs_in
 from finetune.preference.data import check_preference_chat_template, load_preference_data
 from finetune.preference.loss import PreferenceLoss
 from finetune.preference.setup import disable_dropout, merge_check_batches, reference_kind, reference_settings
-from finetune.preference.tokenize import describe_pairs, preference_generation_prompts, tokenize_pairs
+from finetune.preference.tokenize import describe_pairs, longest_answers, preference_generation_prompts, tokenize_pairs
 from finetune.report import reporting
 from finetune.training import batches, loop
 from finetune.training.run import Run, launch, open_run, start_run
@@ -138,12 +139,16 @@ def main(argv: list[str]) -> None:
 
 
 def dry_run(run: Run, train_set, train_report, val_set, val_report) -> None:
-    """--dry-run: the pairs, steps, and memory (2 sequences per pair; a frozen copy with dpo.reference=model)."""
+    """--dry-run: the pairs, steps, and memory (2 sequences per pair, log-probs on the answers only; dropout off as
+    dpo.disable_dropout says; a frozen copy with dpo.reference=model)."""
+    cfg = run.cfg
     if run.accelerator.is_main_process:
         lines, longest = describe_pairs(train_set, train_report, val_set, val_report)
-        model_config = modeling.load_model_config(run.cfg.model)
-        reference_copy = reference_kind(run.cfg, run.accelerator) == "model"
-        report_dry_run(run, lines, len(train_set), longest, model_config, AUTO_CLASS, 2, reference_copy)
+        model_config = modeling.load_model_config(cfg.model)
+        reference_copy = reference_kind(cfg, run.accelerator) == "model"
+        lora = dataclasses.replace(cfg.lora, dropout=0.0) if cfg.dpo.disable_dropout else cfg.lora
+        answers = longest_answers(train_set)
+        report_dry_run(run, lines, len(train_set), longest, model_config, AUTO_CLASS, 2, reference_copy, answers, lora)
 
 
 if __name__ == "__main__":

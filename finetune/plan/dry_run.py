@@ -66,13 +66,17 @@ def report_dry_run(
     auto_class,
     sequences_per_example: int = 1,
     reference_copy: bool = False,
+    loss_tokens_per_example: int | None = None,
+    lora=None,
 ) -> None:
     """Print the dry run (main process): launch, data, batches and steps, parameters, memory per process.
 
     `train_rows`: training examples (or packed rows); `seq_len`: tokens in the longest training row, the
     shape memory peaks at; `model_config` and `auto_class` build the meta model the estimate counts.
     `sequences_per_example`: rows each example puts through the model (a preference pair: 2); `reference_copy`: a
-    frozen second copy of the weights is held (DPO's dpo.reference=model)."""
+    frozen second copy of the weights is held (DPO's dpo.reference=model); `loss_tokens_per_example`: the tokens that
+    carry loss in the longest example (None: all of them); `lora`: the LoRA group as the run applies it (None: the
+    config's)."""
     from finetune.plan.memory_estimate import estimate_memory  # torch-heavy; only a dry run needs it
 
     accelerator, cfg, geometry = run.accelerator, run.cfg, run.geometry
@@ -117,9 +121,10 @@ def report_dry_run(
             weights_dtype=cfg.train.weights_dtype,
             mixed_precision=accelerator.mixed_precision,
             optimizer=cfg.train.optimizer,
-            lora=cfg.lora if cfg.lora.enabled else None,
+            lora=(lora or cfg.lora) if cfg.lora.enabled else None,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             chunked_loss=chunked_loss,
+            loss_tokens=micro * loss_tokens_per_example if loss_tokens_per_example else None,
             quantization=cfg.model.quantization,
             double_quant=cfg.model.double_quant,
             activation_offload=cfg.train.activation_offload,

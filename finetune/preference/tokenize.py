@@ -216,6 +216,13 @@ def sequence_lengths(ds: Dataset) -> list[int]:
     return (lengths["prompt_ids"] + np.maximum(lengths["chosen_ids"], lengths["rejected_ids"])).tolist()
 
 
+def longest_answers(ds: Dataset) -> int:
+    """The most answer tokens of a tokenized pair, chosen and rejected together: the log-probs a pair computes."""
+    table = ds.select_columns(["chosen_ids", "rejected_ids"]).with_format("arrow")[:]
+    lengths = [pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in table.column_names]
+    return int((lengths[0] + lengths[1]).max()) if len(ds) else 1
+
+
 def describe_pairs(
     train: Dataset, train_report: PairReport, validation: Dataset, val_report: PairReport
 ) -> tuple[list[str], int]:
