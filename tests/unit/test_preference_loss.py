@@ -183,3 +183,30 @@ def test_precomputed_reference_equals_the_live_one_and_a_damaged_cache_is_recomp
     assert torch.tensor(again["train"]["ref_logps"]).equal(precomputed)
     other = reference.cache_file({"train": ds}, "other weights", {"a": 1})
     assert other != path  # another reference model: another entry
+
+
+def test_the_reference_resolves_per_launch_and_refuses_what_the_launch_cannot_hold():
+    from accelerate.utils import DistributedType
+
+    from finetune.core.errors import UserError
+    from finetune.core.schemas import DPOConfig
+    from finetune.preference.setup import reference_kind
+
+    def cfg(**values):
+        groups: dict = {}
+        for key, value in values.items():
+            group, name = key.split("__")
+            groups.setdefault(group, {})[name] = value
+        return build_config(DPOConfig, [("test", groups)])
+
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    zero = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    assert reference_kind(cfg(lora__enabled=True), ddp) == "adapter_off"
+    assert reference_kind(cfg(lora__enabled=False), ddp) == "precomputed"
+    assert reference_kind(cfg(lora__enabled=True), fsdp) == "precomputed"  # FSDP2 cannot run adapters-off steps
+    assert reference_kind(cfg(lora__enabled=True), zero) == "adapter_off"
+    with pytest.raises(UserError, match="dpo.reference=adapter_off under FSDP"):
+        reference_kind(cfg(lora__enabled=True, dpo__reference="adapter_off"), fsdp)
+    with pytest.raises(UserError, match="dpo.reference=model under"):
+        reference_kind(cfg(dpo__reference="model"), zero)
