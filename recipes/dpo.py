@@ -14,7 +14,6 @@ evaluation.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from finetune.preference import evaluate, reference
 from finetune.preference.collate import PreferenceCollator, pairs_in
 from finetune.preference.data import check_preference_chat_template, load_preference_data
 from finetune.preference.loss import PreferenceLoss
-from finetune.preference.setup import disable_dropout, merge_check_batches, reference_kind, reference_settings
+from finetune.preference.setup import disable_dropout, merge_check_batches, reference_kind
 from finetune.preference.tokenize import describe_pairs, longest_answers, preference_generation_prompts, tokenize_pairs
 from finetune.report import reporting
 from finetune.training import batches, loop
@@ -76,10 +75,8 @@ def main(argv: list[str]) -> None:
     # ---- model, and the reference: adapters off, precomputed log-probs, or a frozen copy
     model = modeling.load_causal_lm(cfg.model, tokenizer, **run.weights_loading())
     kind = reference_kind(cfg, accelerator)
-    frozen_copy = copy.deepcopy(model) if kind == "model" else None
-    fingerprint = reference.weights_fingerprint(model) if kind == "precomputed" else None
-    flatten = cfg.dpo.padding_free
-    if flatten:
+    initial = reference.InitialModel.of(kind, model)  # its hash, or a frozen copy, before LoRA and prepare
+    if cfg.dpo.padding_free:
         probes.check_packing_supported(model, rows_per_batch=1)
 
     def adapt(model):
@@ -89,24 +86,10 @@ def main(argv: list[str]) -> None:
             probes.enable_exact_chunked_loss(model)
 
     model, optimizer = batches.prepare_model(run, model, lora_task_type="CAUSAL_LM", adapt=adapt)
-    collator = PreferenceCollator.for_tokenizer(tokenizer, padding_free=flatten)
-    if kind == "precomputed":
-        sets = reference.precompute_reference(
-            run,
-            model,
-            {"train": train_set, "validation": val_set},
-            PreferenceCollator.for_tokenizer(tokenizer),  # padded: the same numbers whatever dpo.padding_free
-            cfg.dpo.reference_batch_size or cfg.eval.batch_size,
-            fingerprint,
-            reference_settings(cfg, accelerator),
-        )
-        train_set, val_set = sets["train"], sets["validation"]
-        live = reference.PrecomputedReference()
-    elif kind == "adapter_off":
-        live = reference.AdapterOffReference()
-    else:
-        adapt(frozen_copy)
-        live = reference.ModelReference(frozen_copy.to(accelerator.device), accelerator.autocast)
+    # padded for the precomputing pass: the same numbers whatever dpo.padding_free
+    sets = {"train": train_set, "validation": val_set}
+    live, sets = initial.reference(run, model, sets, PreferenceCollator.for_tokenizer(tokenizer), adapt)
+    train_set, val_set = sets["train"], sets["validation"]
     run.log.info(f"reference: {kind}")
     loss = PreferenceLoss(cfg.dpo, live)
     loaders = batches.make_loaders(
@@ -115,7 +98,7 @@ def main(argv: list[str]) -> None:
         optimizer,
         train_set,
         val_set,
-        make_collator=lambda buckets: collator,
+        make_collator=lambda buckets: PreferenceCollator.for_tokenizer(tokenizer, padding_free=cfg.dpo.padding_free),
         loss=loss,
         group_by_length=False,
         shard_validation=False,  # every pair counted once, the set collated once for every evaluation

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from finetune.training.accumulation import IGNORE_INDEX
 
 REFERENCE_COLUMN = "ref_logps"  # precomputed reference log-probs of a pair: [chosen, rejected]
+ANSWER_TOKENS = "answer_tokens"  # (B, 2): the tokens of each pair's answers that carry a log-prob
 
 
 def _sequences(examples: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -44,7 +45,9 @@ class PreferenceCollator:
     rejected), all (1, T), and NO attention_mask: transformers tells packed sequences apart by their position ids
     only without one (see `finetune.lm.collate.SFTCollator`; the model must run with use_cache=False).
 
-    Either way, `ref_logps` (B, 2) float32 when the examples carry precomputed reference log-probs (all or none).
+    Either way, `answer_tokens` (B, 2): the tokens of each answer that carry a log-prob (the loss's lengths and the
+    pair count, known without reading a tensor back from the device), and `ref_logps` (B, 2) float32 when the
+    examples carry precomputed reference log-probs (all or none).
     """
 
     pad_token_id: int
@@ -62,6 +65,7 @@ class PreferenceCollator:
             raise ValueError(f"a batch mixes pairs with {REFERENCE_COLUMN} and pairs without")
         ids, labels = _sequences(examples)
         batch = self._padding_free(ids, labels) if self.padding_free else self._padded(ids, labels)
+        batch[ANSWER_TOKENS] = torch.tensor([int((y[1:] != IGNORE_INDEX).sum()) for y in labels]).view(-1, 2)
         if with_reference == {True}:
             batch[REFERENCE_COLUMN] = torch.tensor([e[REFERENCE_COLUMN] for e in examples], dtype=torch.float32)
         return batch
@@ -94,7 +98,5 @@ class PreferenceCollator:
 def pairs_in(batch: dict) -> torch.Tensor:
     """The pairs of a collated batch, a 0-d long tensor on its device: the loss terms that exact gradient
     accumulation divides by (a pair's loss is one term, whatever its length)."""
-    if "sequence_ids" in batch:
-        return (batch["sequence_ids"].max() + 1) // 2
-    ids = batch["input_ids"]
-    return torch.tensor(ids.shape[0], dtype=torch.long, device=ids.device)
+    answers = batch[ANSWER_TOKENS]
+    return torch.tensor(answers.shape[0], dtype=torch.long, device=answers.device)

@@ -11,7 +11,7 @@ head computes each target token's log-prob chunk by chunk from the hidden states
 exist. Otherwise the plain logits are used (a model the chunked-loss probe refuses).
 
 **Exact accumulation.** `PreferenceLoss` returns the SUM over the batch's pairs of each pair's loss; the loop
-divides by the window's pair count over all processes (`pairs_in` counts them), so k micro-batches of b pairs
+divides by the window's pair count over all processes (`collate.pairs_in` counts them), so k micro-batches of b pairs
 give the gradient of the mean over k*b pairs. RPO's NLL term is per pair (the chosen completion's mean token NLL),
 so it too is a per-pair term; TRL's batch token-mean would change with the micro-batch split.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.lm.loss import chunked_linear_cross_entropy_rows, find_chunked_head
-from finetune.preference.collate import pairs_in
+from finetune.preference.collate import ANSWER_TOKENS
 from finetune.training.accumulation import IGNORE_INDEX
 
 # The per-pair statistics a run reports, in this order (means over pairs); "loss" is the loop's own.
@@ -48,16 +48,8 @@ def model_inputs(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
 
 
 def target_counts(batch: dict) -> torch.Tensor:
-    """Completion tokens that carry a log-prob, per pair: (B, 2) [chosen, rejected]."""
-    _, labels, sequences = model_inputs(batch)
-    keep = labels[..., 1:] != IGNORE_INDEX
-    counts = torch.zeros(2 * pair_count(batch), dtype=torch.long, device=labels.device)
-    counts.index_add_(0, sequences[..., 1:][keep], torch.ones_like(sequences[..., 1:][keep]))
-    return counts.view(-1, 2)
-
-
-def pair_count(batch: dict) -> int:
-    return int(pairs_in(batch))
+    """Completion tokens that carry a log-prob, per pair: (B, 2) [chosen, rejected], as the collator counted them."""
+    return batch[ANSWER_TOKENS]
 
 
 def _per_sequence(sequences: torch.Tensor, num_sequences: int):
@@ -77,7 +69,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Each pair's summed completion log-probs (B, 2) [chosen, rejected], fp32 (fp64 for an fp64 model), from one
     forward over all 2B sequences; differentiable when gradients are on."""
     inputs, labels, sequences = model_inputs(batch)
-    count = 2 * pair_count(batch)
+    count = 2 * len(batch[ANSWER_TOKENS])
     head = find_chunked_head(model)
     if head is not None:
         with head.targets(labels, loss_fn=_per_sequence(sequences, count)):

@@ -17,23 +17,28 @@ autocast, so a precomputed value equals the live one up to how a batch is padded
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import json
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 
 from finetune.core import token_cache
 from finetune.core.data import make_dataloader
 from finetune.core.errors import UserError
 from finetune.preference import loss as preference_loss
-from finetune.preference.collate import REFERENCE_COLUMN
+from finetune.preference.collate import ANSWER_TOKENS, REFERENCE_COLUMN
 from finetune.preference.loss import sequence_logps
+from finetune.preference.setup import reference_settings
+from finetune.training.checkpoints.weights import parameters_hash
 
 
 @contextlib.contextmanager
@@ -48,21 +53,8 @@ def evaluation_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def peft_model_of(model: torch.nn.Module):
-    """The peft model inside DDP/DeepSpeed/compile wrappers, or None."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
-            return model
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or model
-    return None
-
-
 class PrecomputedReference:
     """Reference log-probs carried by the batch (`ref_logps`, (B, 2))."""
-
-    kind = "precomputed"
 
     def logps(self, model, batch: dict) -> torch.Tensor:
         if REFERENCE_COLUMN not in batch:
@@ -73,11 +65,9 @@ class PrecomputedReference:
 class AdapterOffReference:
     """The policy with its LoRA adapters switched off."""
 
-    kind = "adapter_off"
-
     def logps(self, model, batch: dict) -> torch.Tensor:
-        peft_model = peft_model_of(model)
-        if peft_model is None:
+        peft_model = extract_model_from_parallel(model)  # through DDP, DeepSpeed and compile, to the peft model
+        if not hasattr(peft_model, "disable_adapter"):
             raise UserError("dpo.reference=adapter_off needs a LoRA model (lora.enabled=true)")
         with evaluation_mode(model), peft_model.disable_adapter():
             return sequence_logps(model, batch)
@@ -85,8 +75,6 @@ class AdapterOffReference:
 
 class ModelReference:
     """A separate frozen model (on the run's device, in eval mode), run under the run's autocast."""
-
-    kind = "model"
 
     def __init__(self, model: torch.nn.Module, autocast) -> None:
         self.model = model.eval().requires_grad_(False)
@@ -97,34 +85,57 @@ class ModelReference:
             return sequence_logps(self.model, batch)
 
 
+@dataclass
+class InitialModel:
+    """What the reference (dpo.reference resolved: `kind`) needs of the model as loaded, kept before LoRA and
+    `accelerator.prepare` change it: the weights' hash (precomputed) or a frozen copy (model)."""
+
+    kind: str
+    fingerprint: str | None = None
+    frozen_copy: torch.nn.Module | None = None
+
+    @classmethod
+    def of(cls, kind: str, model: torch.nn.Module) -> InitialModel:
+        fingerprint = weights_fingerprint(model) if kind == "precomputed" else None
+        return cls(kind, fingerprint, copy.deepcopy(model) if kind == "model" else None)
+
+    def reference(self, run, model, sets: dict[str, Dataset], collate, adapt):
+        """(the reference, `sets`) once `model` is prepared: precomputed adds their `ref_logps` (cached on disk);
+        `adapt` makes the frozen copy compute as the policy does (dropout off, the chunked head)."""
+        cfg, accelerator = run.cfg, run.accelerator
+        if self.kind == "precomputed":
+            batch_size = cfg.dpo.reference_batch_size or cfg.eval.batch_size
+            settings = reference_settings(cfg, accelerator)
+            return PrecomputedReference(), precompute_reference(
+                run, model, sets, collate, batch_size, self.fingerprint, settings
+            )
+        if self.kind == "adapter_off":
+            return AdapterOffReference(), sets
+        adapt(self.frozen_copy)
+        return ModelReference(self.frozen_copy.to(accelerator.device), accelerator.autocast), sets
+
+
 # --------------------------------------------------------------------------------------------
 # The precomputing pass and its cache
 # --------------------------------------------------------------------------------------------
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """xxh3-128 of every parameter (name, dtype, shape, bytes) of the model as loaded: the reference's identity.
-    Parameters DeepSpeed ZeRO-3 partitioned as they loaded are not here whole: their checkpoint files stand in."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
+    """A hash of every parameter of the model as loaded (`parameters_hash`): the reference's identity. Parameters
+    DeepSpeed ZeRO-3 partitioned as they loaded are not here whole: their checkpoint files stand in."""
     if any(hasattr(param, "ds_numel") for param in model.parameters()):
-        return _files_fingerprint(getattr(model, "name_or_path", "") or "", digest)
-    for name, param in model.named_parameters():
-        tensor = param.detach().contiguous().cpu()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
-    return digest.hexdigest()
+        return _files_fingerprint(getattr(model, "name_or_path", "") or "")
+    return parameters_hash(model.named_parameters())
 
 
-def _files_fingerprint(name_or_path: str, digest) -> str:
+def _files_fingerprint(name_or_path: str) -> str:
     """The name, size and modification time of each weights file of a local model dir (a Hub id: its name, and the
     revision the settings hold)."""
     root = Path(name_or_path)
+    digest = hashlib.blake2b(name_or_path.encode(), digest_size=16)
     for file in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    digest.update(name_or_path.encode())
     return digest.hexdigest()
 
 
@@ -145,27 +156,30 @@ def cache_file(sets: dict[str, Dataset], fingerprint: str, settings: dict) -> Pa
     return root.parent / "reference" / f"{key.hexdigest()}.safetensors"
 
 
-def _computed(accelerator, model, ds: Dataset, collate, batch_size: int) -> torch.Tensor:
-    """(N, 2) reference log-probs of every pair of `ds`, in order: each process runs every W-th batch (all run as many
-    forwards: under FSDP/ZeRO-3 each is a collective), then one all-reduce puts them together."""
-    without = ds.remove_columns([c for c in ds.column_names if c == REFERENCE_COLUMN])
-    loader = make_dataloader(without, batch_size, collate)
-    batches = list(loader)
+def pair_values(accelerator, batches: list[dict], logps) -> torch.Tensor:
+    """(N, 2) `logps(batch)` of every pair of `batches` (collated, in order), on the CPU: each process runs every W-th
+    batch, all as many (under FSDP/ZeRO-3 each forward is a collective), then one all-reduce puts them together."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    out = torch.zeros(len(ds), 2, dtype=torch.float64, device=accelerator.device)
-    rounds = math.ceil(len(batches) / world)
-    with evaluation_mode(model), accelerator.autocast():
-        for i in range(rounds):
-            index = i * world + rank
-            batch = batches[min(index, len(batches) - 1)]
-            batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-            logps = sequence_logps(model, batch)
-            if index < len(batches):
-                start = index * batch_size
-                out[start : start + len(logps)] = logps.double()
+    sizes = [len(batch[ANSWER_TOKENS]) for batch in batches]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    out = torch.zeros(sum(sizes), 2, dtype=torch.float64, device=accelerator.device)
+    for i in range(math.ceil(len(batches) / world)):
+        index = i * world + rank
+        batch = batches[min(index, len(batches) - 1)]  # a process past the end repeats the last, not counted
+        values = logps({name: tensor.to(accelerator.device) for name, tensor in batch.items()})
+        if index < len(batches):
+            out[starts[index] : starts[index] + sizes[index]] = values.double()
     if world > 1:
         out = accelerator.reduce(out, reduction="sum")
     return out.float().cpu()
+
+
+def _computed(accelerator, model, ds: Dataset, collate, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference log-probs of every pair of `ds`, in order, by `model` in eval mode under the run's autocast."""
+    without = ds.remove_columns([c for c in ds.column_names if c == REFERENCE_COLUMN])
+    batches = list(make_dataloader(without, batch_size, collate))
+    with evaluation_mode(model), accelerator.autocast():
+        return pair_values(accelerator, batches, lambda batch: sequence_logps(model, batch))
 
 
 def precompute_reference(

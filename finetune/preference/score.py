@@ -50,11 +50,11 @@ from finetune.lm.score import (
     scorable_lms,
     scoring_config,
 )
-from finetune.preference.collate import REFERENCE_COLUMN, PreferenceCollator
+from finetune.preference.collate import ANSWER_TOKENS, REFERENCE_COLUMN, PreferenceCollator
 from finetune.preference.data import check_preference_chat_template, load_preference_data, normalise_pairs, pairs_format
 from finetune.preference.evaluate import preference_metrics
 from finetune.preference.loss import PreferenceLoss
-from finetune.preference.reference import ModelReference, PrecomputedReference
+from finetune.preference.reference import ModelReference, PrecomputedReference, pair_values
 from finetune.preference.tokenize import TOKEN_COLUMNS, preference_generation_prompts, tokenize_pairs
 
 # On each model's line and in the leaderboard (those the results hold: exact_match with generations only).
@@ -214,22 +214,10 @@ def reference_loading(cfg: ScoreDPOConfig, models: list[ModelToScore], device) -
 
 @torch.no_grad()
 def with_reference_logps(accelerator, reference: ModelReference, batches: list[dict]) -> list[dict]:
-    """`batches` with the reference's log-probs of their pairs (`ref_logps`, (B, 2)), for every model scored next:
-    each process computes every W-th batch, one all-reduce puts them together."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sizes = [len(batch["input_ids"]) for batch in batches]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    values = torch.zeros(sum(sizes), 2, dtype=torch.float64, device=accelerator.device)
-    for index in range(rank, len(batches), world):
-        batch = {name: tensor.to(accelerator.device) for name, tensor in batches[index].items()}
-        values[starts[index] : starts[index] + sizes[index]] = reference.logps(None, batch).double()
-    if world > 1:
-        values = accelerator.reduce(values, reduction="sum")
-    values = values.float().cpu()
-    return [
-        {**batch, REFERENCE_COLUMN: values[start : start + size]}
-        for batch, start, size in zip(batches, starts, sizes, strict=True)
-    ]
+    """`batches` with the reference's log-probs of their pairs (`ref_logps`, (B, 2)), for every model scored next."""
+    values = pair_values(accelerator, batches, lambda batch: reference.logps(None, batch))
+    sizes = [len(batch[ANSWER_TOKENS]) for batch in batches]
+    return [{**batch, REFERENCE_COLUMN: part} for batch, part in zip(batches, values.split(sizes), strict=True)]
 
 
 def score_reference(

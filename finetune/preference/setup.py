@@ -7,9 +7,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from finetune.core.errors import UserError
+from finetune.core.quantization import MODEL_INPUTS
 from finetune.core.schemas import DPOConfig
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def reference_kind(cfg: DPOConfig, accelerator) -> str:
@@ -63,21 +62,9 @@ def reference_settings(cfg: DPOConfig, accelerator) -> dict:
     }
 
 
-class MergeCheckBatches:
-    """Validation pair batches as plain rows of sequences, for `reporting.merge_check` (a QLoRA final/)."""
-
-    def __init__(self, batches) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        for batch in self.batches:
-            pairs = batch["input_ids"].dim() == 3
-            yield {
-                name: tensor.flatten(0, 1) if pairs else tensor
-                for name, tensor in batch.items()
-                if name in MODEL_INPUTS
-            }
-
-
-def merge_check_batches(batches) -> MergeCheckBatches:
-    return MergeCheckBatches(batches)
+def merge_check_batches(batches):
+    """Validation pair batches as plain rows of sequences, (B, 2, W) -> (2B, W), for `reporting.merge_check` (a
+    QLoRA final/)."""
+    for batch in batches:
+        pairs = batch["input_ids"].dim() == 3
+        yield {name: batch[name].flatten(0, 1) if pairs else batch[name] for name in MODEL_INPUTS if name in batch}

@@ -65,18 +65,21 @@ def keep_weights_once(accelerator: Accelerator) -> None:
 
 
 def frozen_weights_hash(model: torch.nn.Module) -> str | None:
-    """xxh3-128 of every frozen parameter (name, dtype, shape, bytes), or None when all of them train."""
+    """`parameters_hash` of every frozen parameter, or None when all of them train."""
+    frozen = [(name, param) for name, param in model.named_parameters() if not param.requires_grad]
+    return parameters_hash(frozen) if frozen else None
+
+
+def parameters_hash(named_tensors) -> str:
+    """xxh3-128 of (name, tensor) pairs: each name, dtype, shape and the bytes themselves."""
     import xxhash
 
-    digest, frozen = xxhash.xxh3_128(), False
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            continue
-        frozen = True
+    digest = xxhash.xxh3_128()
+    for name, param in named_tensors:
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the buffer itself: no copy
-    return digest.hexdigest() if frozen else None
+    return digest.hexdigest()
 
 
 def load_model_dir(model: torch.nn.Module, model_dir: Path) -> None:
