@@ -228,8 +228,18 @@ def score_causal_lm(
     loader = make_dataloader(dataset, cfg.eval.batch_size, SFTCollator.for_tokenizer(tokenizer, flatten=flatten))
     metrics = evaluate_lm(accelerator, model, loader, next_token_loss, on_nonfinite="warn")
     prompts = generation_prompts(examples, tokenizer, cfg.eval.num_generations)
-    completions = generate_greedy(accelerator, model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    metrics.update(score_generations(prompts, completions))
+    data = {"num_examples": report.kept, "data": report.describe(), "data_fingerprint": data_fingerprint}
+    return write_scores(accelerator, model, tokenizer, prompts, cfg.eval, metrics, model_info, out_dir, data)
+
+
+def write_scores(
+    accelerator, model, tokenizer, prompts: list[dict], eval_cfg, metrics: dict, model_info, out_dir: Path, data: dict
+) -> dict | None:
+    """`metrics` with exact_match of greedy answers to `prompts`; on the main process eval_results.json (with `data`:
+    what was scored) and generations.jsonl written and the results returned (None elsewhere). A warning the metrics
+    carry (a non-finite loss) is printed and recorded, not raised: a scorer goes on to the next model."""
+    completions = generate_greedy(accelerator, model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size)
+    metrics = {**metrics, **score_generations(prompts, completions)}
     warning = metrics.pop("warning", None)
     if not accelerator.is_main_process:
         return None
@@ -240,9 +250,7 @@ def score_causal_lm(
         "model_path": str(model_info.path),
         "step": model_info.step,
         **metrics,
-        "num_examples": report.kept,
-        "data": report.describe(),
-        "data_fingerprint": data_fingerprint,
+        **data,
         "warnings": [warning] if warning else [],
     }
     write_json(out_dir / "eval_results.json", results)

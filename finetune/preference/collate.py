@@ -99,4 +99,4 @@ def pairs_in(batch: dict) -> torch.Tensor:
     """The pairs of a collated batch, a 0-d long tensor on its device: the loss terms that exact gradient
     accumulation divides by (a pair's loss is one term, whatever its length)."""
     answers = batch[ANSWER_TOKENS]
-    return torch.tensor(answers.shape[0], dtype=torch.long, device=answers.device)
+    return answers.new_full((), answers.shape[0])  # filled on the device: no copy from the host

@@ -13,7 +13,6 @@ tokenized once, by the first model's tokenizer (a run's models all save the toke
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from finetune.core.data import is_hub_dataset, make_dataloader, read_source, rea
 from finetune.core.errors import UserError
 from finetune.core.modeling import load_causal_lm, load_tokenizer
 from finetune.core.paths import local_path, looks_like_path
-from finetune.core.run_dir import write_json
 from finetune.core.saved_models import (
     ModelToScore,
     ScoredModels,
@@ -38,7 +36,6 @@ from finetune.core.saved_models import (
 )
 from finetune.core.schemas import DPODataConfig, ScoreDPOConfig, ScoreDPOLossConfig, ScoreLMModelConfig, SFTModelConfig
 from finetune.core.token_cache import content_hash
-from finetune.lm.evaluate import generate_greedy, score_generations, write_generations
 from finetune.lm.probes import enable_exact_chunked_loss
 from finetune.lm.score import (
     BASE_WEIGHT_FILES,
@@ -49,6 +46,7 @@ from finetune.lm.score import (
     saved_max_length,
     scorable_lms,
     scoring_config,
+    write_scores,
 )
 from finetune.preference.collate import ANSWER_TOKENS, REFERENCE_COLUMN, PreferenceCollator
 from finetune.preference.data import check_preference_chat_template, load_preference_data, normalise_pairs, pairs_format
@@ -262,27 +260,7 @@ def score_preference_model(
     generations.jsonl) and returns the results."""
     loss = PreferenceLoss(cfg.dpo, PrecomputedReference())
     metrics = preference_metrics(accelerator, model, scored.batches, loss, on_nonfinite="warn")
-    prompts = scored.prompts
-    completions = generate_greedy(
-        accelerator, model, scored.tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    data = {"reference": reference, "data": scored.description, "data_fingerprint": scored.fingerprint}
+    return write_scores(
+        accelerator, model, scored.tokenizer, scored.prompts, cfg.eval, metrics, model_info, out_dir, data
     )
-    metrics.update(score_generations(prompts, completions))
-    warning = metrics.pop("warning", None)
-    if not accelerator.is_main_process:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if prompts:
-        write_generations(out_dir / "generations.jsonl", model_info.step, prompts, completions)
-    results = {
-        "model_path": str(model_info.path),
-        "step": model_info.step,
-        **metrics,
-        "reference": reference,
-        "data": scored.description,
-        "data_fingerprint": scored.fingerprint,
-        "warnings": [warning] if warning else [],
-    }
-    write_json(out_dir / "eval_results.json", results)
-    if warning:
-        print(f"WARNING: {model_info.name}: {warning}", file=sys.stderr)
-    return results
